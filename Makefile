@@ -1,0 +1,50 @@
+# retune: `make` lists the verbs. `make run` and `make test` set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the pinned dependencies
+	@$(BIN)/dvc config --local core.analytics false 2>/dev/null || true
+
+data: setup ## write the sample corpus into data/incoming if it is empty
+	$(BIN)/retune sample
+
+run: data ## set up, then run the retraining flow end to end on data/incoming
+	$(BIN)/retune run
+
+repro: data ## reproduce the pipeline with DVC (skips stages whose inputs did not change)
+	$(BIN)/dvc repro
+
+test: setup ## set up, then run the test suite
+	$(BIN)/python -m pytest
+
+lint: setup ## ruff (lint and format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy retune tasks flows
+
+ui: setup ## browse runs and the model registry: MLflow UI on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## remove generated outputs (keeps data/incoming, mlruns and .venv)
+	rm -rf data/prepared data/quarantine data/split models reports
+
+.PHONY: help setup data run repro test lint ui clean

@@ -1,0 +1,221 @@
+"""The one configuration schema: `params.yaml` parsed into frozen, typed sections.
+
+Used by every stage's `run(params)`, the Prefect flows and the CLI. Unknown keys and bad values
+fail here, before any work, with the dotted key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+# Frozen and strict: a misspelt key is an error, not a silently ignored default.
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConfigError(ValueError):
+    """`params.yaml` (or an override) has a key or value retune cannot use."""
+
+
+@dataclass(config=_STRICT)
+class PathsParams:
+    incoming: Path = Path("data/incoming")
+    prepared: Path = Path("data/prepared")
+    quarantine: Path = Path("data/quarantine")
+    split: Path = Path("data/split")
+    model: Path = Path("models/candidate")
+    checkpoints: Path = Path("models/checkpoints")
+    reports: Path = Path("reports")
+
+
+@dataclass(config=_STRICT)
+class TrackingParams:
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifacts: Path = Path("mlruns/artifacts")
+    experiment: str = "retune"
+
+
+@dataclass(config=_STRICT)
+class SampleParams:
+    """The synthetic customer-support corpus written when `paths.incoming` is empty."""
+
+    conversations: int = Field(12_000, ge=1)
+    defect_rate: float = Field(0.03, ge=0.0, le=0.5)
+
+
+@dataclass(config=_STRICT)
+class ColumnsParams:
+    """Column names in CSV/TSV/Parquet files; which ones are present decides the layout."""
+
+    conversation_id: str = "conversation_id"
+    role: str = "role"
+    text: str = "text"
+    timestamp: str = "timestamp"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+
+
+@dataclass(config=_STRICT)
+class IngestParams:
+    columns: ColumnsParams = Field(default_factory=ColumnsParams)
+    # Speaker names seen in real exports, mapped onto the canonical roles.
+    role_map: dict[str, str] = Field(
+        default_factory=lambda: {
+            "human": "user",
+            "customer": "user",
+            "client": "user",
+            "agent": "assistant",
+            "support": "assistant",
+            "bot": "assistant",
+            "gpt": "assistant",
+            "model": "assistant",
+        }
+    )
+    max_message_chars: int = Field(4_000, ge=1)
+    redact: tuple[Literal["email", "phone"], ...] = ("email", "phone")
+
+
+@dataclass(config=_STRICT)
+class ValidateParams:
+    min_examples: int = Field(10_000, ge=1)
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(16_000, ge=1)
+    failed_rows_shown: int = Field(5, ge=0)
+
+
+@dataclass(config=_STRICT)
+class SplitParams:
+    holdout_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+
+
+@dataclass(config=_STRICT)
+class ScratchModelParams:
+    """The offline default: a GPT-2 built from this config, tokenizer trained on the corpus."""
+
+    vocab_size: int = Field(4_096, ge=300)
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(256, ge=8)
+
+
+@dataclass(config=_STRICT)
+class TrainParams:
+    # "scratch", a local save_pretrained directory, or a hub id (online only).
+    base_model: str = "scratch"
+    scratch: ScratchModelParams = Field(default_factory=ScratchModelParams)
+    max_seq_len: int = Field(256, ge=8)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = Field(400, ge=1)
+    learning_rate: float = Field(1.0e-3, gt=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(100, ge=1)
+    save_steps: int = Field(100, ge=1)
+    eval_max_examples: int = Field(200, ge=1)
+    resume: bool = True
+
+
+@dataclass(config=_STRICT)
+class EvaluateParams:
+    batch_size: int = Field(8, ge=1)
+    max_examples: int = Field(1_000, ge=1)
+    prompts: int = Field(8, ge=0)
+    max_new_tokens: int = Field(48, ge=1)
+
+
+@dataclass(config=_STRICT)
+class RegisterParams:
+    model_name: str = "retune-support"
+
+
+@dataclass(config=_STRICT)
+class Params:
+    seed: int = 42
+    paths: PathsParams = Field(default_factory=PathsParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    sample: SampleParams = Field(default_factory=SampleParams)
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    validate: ValidateParams = Field(default_factory=ValidateParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    register: RegisterParams = Field(default_factory=RegisterParams)
+
+
+def to_plain(params: Params) -> dict[str, Any]:
+    """`params` as plain YAML/JSON-ready data (paths as strings), e.g. to write a params file."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    result: dict[str, Any] = plain(dataclasses.asdict(params))
+    return result
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted `key=value` overrides applied (values parsed as YAML).
+
+    Same spelling as `dvc exp run -S train.max_steps=10`.
+    """
+    out: dict[str, Any] = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a raw mapping into `Params`; errors name every bad dotted key and the fix."""
+    try:
+        return Params(**raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "unexpected_keyword_argument":
+                lines.append(f"  {key}: unknown key (remove it or fix its spelling)")
+            else:
+                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"{source} has invalid settings:\n" + "\n".join(lines)) from None
+    except TypeError as exc:  # a section given as a scalar, e.g. `train: 3`
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_params(path: Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read `path` (YAML), apply dotted overrides, and return the validated `Params`."""
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (run from the repository root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return parse_params(apply_overrides(raw, overrides or []), source=str(path))

@@ -1,0 +1,99 @@
+"""Base models and tokenizers: the scratch GPT-2 (offline default) or a user's model.
+
+`train` builds or loads the base here; `evaluate`, `register` and tests load the fine-tuned
+result with `load_pretrained`, the same `from_pretrained` path a user's model takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from retune.chat import SPECIAL_TOKENS, ensure_chat_template
+from retune.config import ScratchModelParams
+from retune.errors import BaseModelError
+from retune.pii import PLACEHOLDERS
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE tokenizer on `texts`; chat markers and PII placeholders stay whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [SPECIAL_TOKENS["eos"], SPECIAL_TOKENS["pad"], *SPECIAL_TOKENS["roles"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        # Every byte is in the vocabulary, so no input is ever unknown.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        additional_special_tokens=SPECIAL_TOKENS["roles"],
+    )
+    hf.add_tokens(sorted(PLACEHOLDERS.values()))
+    return ensure_chat_template(hf)
+
+
+def scratch_model(cfg: ScratchModelParams, tokenizer: Any, max_seq_len: int) -> Any:
+    """A freshly initialised GPT-2 sized by `cfg`, its vocabulary matching `tokenizer`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=max_seq_len,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def load_pretrained(name_or_path: str | Path) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a `save_pretrained` directory or a hub id (online only).
+
+    Adds what retune needs and the base may lack: a pad token, the chat template and the PII
+    placeholder tokens (resizing the embeddings when tokens were added).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = str(name_or_path)
+    looks_local = ref.startswith((".", "/", "~")) or Path(ref).exists()
+    if looks_local and not Path(ref).expanduser().is_dir():
+        raise BaseModelError(
+            f"train.base_model={ref!r}: no such directory. Point it at a folder written by "
+            "save_pretrained (config.json, weights, tokenizer files), or use 'scratch'."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(Path(ref).expanduser() if looks_local else ref)
+        model = AutoModelForCausalLM.from_pretrained(Path(ref).expanduser() if looks_local else ref)
+    except OSError as exc:
+        hint = (
+            "It is not a local directory, and the Hugging Face hub is offline (HF_HUB_OFFLINE=1 "
+            "is retune's default): set HF_HUB_OFFLINE=0 when online, or download the model and "
+            "point train.base_model at its folder."
+            if not looks_local
+            else "The folder lacks a model or tokenizer saved with save_pretrained."
+        )
+        raise BaseModelError(f"train.base_model={ref!r} could not be loaded: {exc}\n{hint}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    ensure_chat_template(tokenizer)
+    if tokenizer.add_tokens(sorted(PLACEHOLDERS.values())):
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

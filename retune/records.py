@@ -1,0 +1,110 @@
+"""The canonical record: one training example (a conversation or a document) and its files.
+
+`ingest` writes records, `validate` and `split` read them, `train`/`evaluate` read the split.
+Every reader and writer of those Parquet files goes through this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# "text" marks a plain document (from .txt or a text-only table): no speakers, no template.
+ROLES = ("system", "user", "assistant", "text")
+
+# A conversation: optional system turn, then user/assistant alternating, starting with the user.
+# A document: exactly one "text" message. Checked against the space-joined `roles` column.
+ROLE_ORDER_REGEX = r"^(text|(system )?user( assistant user)*( assistant)?)$"
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # content hash of the messages: stable across files and runs
+        ("conversation_id", pa.string()),  # the source's own id where it has one, else `id`
+        ("messages", pa.list_(MESSAGE_TYPE)),
+        ("roles", pa.string()),  # space-joined roles, for the role-order expectation
+        ("text", pa.string()),  # contents joined by newlines, for text expectations
+        ("n_messages", pa.int32()),
+        ("n_chars", pa.int32()),
+        ("source", pa.string()),  # input file, relative to the incoming folder
+        ("line", pa.int64()),  # 1-based line (JSONL/TXT) or data row (tables) of the first message
+        ("format", pa.string()),  # chat_jsonl | completion_jsonl | table_long | table_wide | text
+        ("meta", pa.string()),  # JSON object of extra fields (category, timestamps, ...)
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    source: str
+    line: int
+    format: str
+    conversation_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return record_id(self.messages)
+
+    def to_row(self) -> dict[str, Any]:
+        rid = self.id
+        text = "\n".join(c for _, c in self.messages)
+        return {
+            "id": rid,
+            "conversation_id": self.conversation_id or rid,
+            "messages": [{"role": r, "content": c} for r, c in self.messages],
+            "roles": " ".join(r for r, _ in self.messages),
+            "text": text,
+            "n_messages": len(self.messages),
+            "n_chars": len(text),
+            "source": self.source,
+            "line": self.line,
+            "format": self.format,
+            "meta": json.dumps(self.meta, sort_keys=True, ensure_ascii=False),
+        }
+
+
+def record_id(messages: Sequence[tuple[str, str]]) -> str:
+    """Content hash of a conversation: identical conversations share an id wherever they come from."""
+    payload = json.dumps([list(m) for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
+
+
+def write_records(rows: Iterable[dict[str, Any]], path: Path, batch_size: int = 5_000) -> int:
+    """Stream row dicts (see `Record.to_row`) into a Parquet file in batches; return the count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with pq.ParquetWriter(path, SCHEMA) as writer:
+        batch: list[dict[str, Any]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= batch_size:
+                writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+                n += len(batch)
+                batch = []
+        if batch or n == 0:
+            writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+            n += len(batch)
+    return n
+
+
+def read_records(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a records Parquet file written by `write_records`."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no records here; run the stage that writes it first")
+    return pq.read_table(path, columns=columns)
+
+
+def iter_messages(table: pa.Table) -> Iterable[list[dict[str, str]]]:
+    """Yield each record's messages as chat-template dicts, batch by batch."""
+    for batch in table.select(["messages"]).to_batches(max_chunksize=2_048):
+        yield from batch.column(0).to_pylist()

@@ -1,0 +1,58 @@
+"""MLflow set-up at the edge: the SQLite store and artifact root from `params.tracking`.
+
+Stages call `setup_tracking` in `run(params)`; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from retune.config import TrackingParams
+
+if TYPE_CHECKING:
+    import mlflow
+
+
+def resolved_uri(uri: str) -> str:
+    """Make a relative `sqlite:///path` absolute, creating its folder, so any cwd agrees."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        db = Path(uri[len(prefix) :]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(db)
+    return uri
+
+
+def setup_tracking(cfg: TrackingParams) -> str:
+    """Point MLflow (tracking and registry) at `cfg.uri`; ensure the experiment; return its id.
+
+    The experiment gets an explicit artifact location under `cfg.artifacts`: without one MLflow
+    writes artifacts into `./mlruns` of whatever directory the process happens to run in.
+    """
+    import mlflow
+
+    uri = resolved_uri(cfg.uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        artifacts = Path(cfg.artifacts).resolve()
+        artifacts.mkdir(parents=True, exist_ok=True)
+        exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return str(exp_id)
+
+
+@contextmanager
+def resume_run(cfg: TrackingParams, run_id: str) -> Iterator["mlflow.ActiveRun"]:
+    """Re-open the pipeline's MLflow run (started by `train`) to add to it."""
+    import mlflow
+
+    setup_tracking(cfg)
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run

@@ -36,7 +36,7 @@ SCHEMA = pa.schema(
         ("n_chars", pa.int32()),
         ("source", pa.string()),  # input file, relative to the incoming folder
         ("line", pa.int64()),  # 1-based line (JSONL/TXT) or data row (tables) of the first message
-        ("format", pa.string()),  # chat_jsonl | completion_jsonl | table_long | table_wide | text
+        ("format", pa.string()),  # see tasks.ingest.FORMATS
         ("meta", pa.string()),  # JSON object of extra fields (category, timestamps, ...)
     ]
 )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from dataclasses import field
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError
@@ -46,8 +47,8 @@ class TrackingParams:
 class SampleParams:
     """The synthetic customer-support corpus written when `paths.incoming` is empty."""
 
-    conversations: int = Field(12_000, ge=1)
-    defect_rate: float = Field(0.03, ge=0.0, le=0.5)
+    conversations: Annotated[int, Field(ge=1)] = 12_000
+    defect_rate: Annotated[float, Field(ge=0.0, le=0.5)] = 0.03
 
 
 @dataclass(config=_STRICT)
@@ -65,9 +66,9 @@ class ColumnsParams:
 
 @dataclass(config=_STRICT)
 class IngestParams:
-    columns: ColumnsParams = Field(default_factory=ColumnsParams)
+    columns: ColumnsParams = field(default_factory=ColumnsParams)
     # Speaker names seen in real exports, mapped onto the canonical roles.
-    role_map: dict[str, str] = Field(
+    role_map: dict[str, str] = field(
         default_factory=lambda: {
             "human": "user",
             "customer": "user",
@@ -79,77 +80,79 @@ class IngestParams:
             "model": "assistant",
         }
     )
-    max_message_chars: int = Field(4_000, ge=1)
+    max_message_chars: Annotated[int, Field(ge=1)] = 4_000
     redact: tuple[Literal["email", "phone"], ...] = ("email", "phone")
 
 
 @dataclass(config=_STRICT)
 class ValidateParams:
-    min_examples: int = Field(10_000, ge=1)
-    min_chars: int = Field(1, ge=0)
-    max_chars: int = Field(16_000, ge=1)
-    failed_rows_shown: int = Field(5, ge=0)
+    min_examples: Annotated[int, Field(ge=1)] = 10_000
+    min_chars: Annotated[int, Field(ge=0)] = 1
+    max_chars: Annotated[int, Field(ge=1)] = 16_000
+    failed_rows_shown: Annotated[int, Field(ge=0)] = 5
 
 
 @dataclass(config=_STRICT)
 class SplitParams:
-    holdout_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
 
 
 @dataclass(config=_STRICT)
 class ScratchModelParams:
     """The offline default: a GPT-2 built from this config, tokenizer trained on the corpus."""
 
-    vocab_size: int = Field(4_096, ge=300)
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)
-    n_embd: int = Field(256, ge=8)
+    vocab_size: Annotated[int, Field(ge=300)] = 4_096
+    n_layer: Annotated[int, Field(ge=1)] = 4
+    n_head: Annotated[int, Field(ge=1)] = 4
+    n_embd: Annotated[int, Field(ge=8)] = 256
 
 
 @dataclass(config=_STRICT)
 class TrainParams:
     # "scratch", a local save_pretrained directory, or a hub id (online only).
     base_model: str = "scratch"
-    scratch: ScratchModelParams = Field(default_factory=ScratchModelParams)
-    max_seq_len: int = Field(256, ge=8)
-    per_device_train_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_steps: int = Field(400, ge=1)
-    learning_rate: float = Field(1.0e-3, gt=0.0)
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int = Field(100, ge=1)
-    save_steps: int = Field(100, ge=1)
-    eval_max_examples: int = Field(200, ge=1)
+    scratch: ScratchModelParams = field(default_factory=ScratchModelParams)
+    max_seq_len: Annotated[int, Field(ge=8)] = 256
+    per_device_train_batch_size: Annotated[int, Field(ge=1)] = 8
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    max_steps: Annotated[int, Field(ge=1)] = 400
+    learning_rate: Annotated[float, Field(gt=0.0)] = 1.0e-3
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    eval_steps: Annotated[int, Field(ge=1)] = 100
+    save_steps: Annotated[int, Field(ge=1)] = 100
+    eval_max_examples: Annotated[int, Field(ge=1)] = 200
     resume: bool = True
 
 
 @dataclass(config=_STRICT)
 class EvaluateParams:
-    batch_size: int = Field(8, ge=1)
-    max_examples: int = Field(1_000, ge=1)
-    prompts: int = Field(8, ge=0)
-    max_new_tokens: int = Field(48, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    max_examples: Annotated[int, Field(ge=1)] = 1_000
+    prompts: Annotated[int, Field(ge=0)] = 8
+    max_new_tokens: Annotated[int, Field(ge=1)] = 48
 
 
 @dataclass(config=_STRICT)
 class RegisterParams:
     model_name: str = "retune-support"
+    # The served model's default reply length (callers may pass max_new_tokens per request).
+    max_new_tokens: Annotated[int, Field(ge=1)] = 64
 
 
 @dataclass(config=_STRICT)
 class Params:
     seed: int = 42
-    paths: PathsParams = Field(default_factory=PathsParams)
-    tracking: TrackingParams = Field(default_factory=TrackingParams)
-    sample: SampleParams = Field(default_factory=SampleParams)
-    ingest: IngestParams = Field(default_factory=IngestParams)
-    validate: ValidateParams = Field(default_factory=ValidateParams)
-    split: SplitParams = Field(default_factory=SplitParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    register: RegisterParams = Field(default_factory=RegisterParams)
+    paths: PathsParams = field(default_factory=PathsParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+    sample: SampleParams = field(default_factory=SampleParams)
+    ingest: IngestParams = field(default_factory=IngestParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    register: RegisterParams = field(default_factory=RegisterParams)
 
 
 def to_plain(params: Params) -> dict[str, Any]:

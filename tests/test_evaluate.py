@@ -1,0 +1,191 @@
+"""The `evaluate` stage: the metric scripts, the unigram baseline, the stage on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import tasks.split
+from retune.config import EvaluateParams, Params
+from retune.errors import RetuneError
+from retune.metrics import NAMES, load_metric, metric_path
+from retune.reports import read_json, write_json
+from tasks.evaluate import (
+    GENERATION_COLUMNS,
+    SCORES_SCHEMA,
+    run,
+    score,
+    unigram_counts,
+    unigram_perplexity,
+)
+
+
+def test_metric_scripts_are_in_the_repo_and_load_by_path(tmp_path: Path) -> None:
+    for name in NAMES:
+        path = metric_path(name)
+        assert path.is_file() and path.parent.name == "metrics"
+        metric = load_metric(name, tmp_path)
+        assert metric.info.description and metric.info.citation and metric.info.inputs_description
+
+
+def test_perplexity_is_exp_of_token_weighted_mean_nll(tmp_path: Path) -> None:
+    ppl = load_metric("perplexity", tmp_path)
+    # Two examples: 3 nats over 1 token and 3 nats over 5 tokens -> 6 nats / 6 tokens.
+    out = ppl.compute(nll_sum=[3.0, 3.0], n_tokens=[1, 5])
+    assert out["mean_nll"] == pytest.approx(1.0)
+    assert out["perplexity"] == pytest.approx(math.e)
+    assert out["n_tokens"] == 6
+
+
+def test_perplexity_streamed_in_batches_equals_one_shot(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n_tokens = rng.integers(1, 50, size=30)
+    nll_sum = n_tokens * rng.uniform(0.5, 4.0, size=30)
+    one_shot = load_metric("perplexity", tmp_path / "a").compute(
+        nll_sum=nll_sum.tolist(), n_tokens=n_tokens.tolist()
+    )
+    streamed = load_metric("perplexity", tmp_path / "b")
+    for lo, hi in [(0, 7), (7, 8), (8, 21), (21, 30)]:
+        streamed.add_batch(nll_sum=nll_sum[lo:hi].tolist(), n_tokens=n_tokens[lo:hi].tolist())
+    out = streamed.compute()
+    assert out["perplexity"] == pytest.approx(one_shot["perplexity"], rel=1e-12)
+    assert out["perplexity"] == pytest.approx(math.exp(nll_sum.sum() / n_tokens.sum()))
+
+
+def test_next_token_accuracy_counts_tokens_not_examples(tmp_path: Path) -> None:
+    acc = load_metric("next_token_accuracy", tmp_path)
+    acc.add_batch(n_correct=[1, 2], n_tokens=[2, 6])
+    acc.add_batch(n_correct=[0], n_tokens=[2])
+    assert acc.compute()["next_token_accuracy"] == pytest.approx(3 / 10)
+    with pytest.raises(ValueError, match="at least one predicted token"):
+        acc.compute(n_correct=[0], n_tokens=[0])
+
+
+def test_unigram_baseline_matches_hand_computation() -> None:
+    # Targets are every position but the first: train targets are 1, 1, 2 (vocab of 4).
+    train = unigram_counts([[3, 1, 1], [0, 2]], vocab_size=4)
+    assert train.tolist() == [0, 2, 1, 0]
+    # Add-one: p = (c + 1) / (N + V) = [1, 3, 2, 1] / 7. Holdout targets 1 and 3 (3 unseen).
+    held = unigram_counts([[2, 1, 3]], vocab_size=4)
+    expected = math.exp(-(math.log(3 / 7) + math.log(1 / 7)) / 2)  # = 7 / sqrt(3)
+    assert unigram_perplexity(train, held) == pytest.approx(expected)
+    assert expected == pytest.approx(7 / math.sqrt(3))
+
+
+def _pipeline(params: Params, tiny_model_dir: Path) -> None:
+    """Split the prepared fixture and stand the tiny model in for `train`'s output."""
+    tasks.split.run(params)
+    shutil.copytree(tiny_model_dir, params.paths.model)
+
+
+@pytest.mark.slow
+def test_stage_scores_holdout_and_logs_into_the_pipeline_run(
+    prepared: Params, tiny_model_dir: Path
+) -> None:
+    import mlflow
+
+    from retune.tracking import setup_tracking
+
+    params = prepared
+    _pipeline(params, tiny_model_dir)
+    setup_tracking(params.tracking)
+    with mlflow.start_run(run_name="pipeline") as pipeline_run:
+        pass
+    run_id = pipeline_run.info.run_id
+    write_json(params.paths.reports / "train.json", {"run_id": run_id, "steps": 0})
+
+    result = run(params)
+
+    holdout = pq.read_table(params.paths.split / "holdout.parquet")
+    assert result.n_examples == min(params.evaluate.max_examples, holdout.num_rows)
+    assert 1.0 < result.perplexity < math.inf
+    assert 0.0 <= result.next_token_accuracy <= 1.0
+    assert 1.0 < result.baseline_perplexity < math.inf
+    assert result.perplexity_vs_baseline == pytest.approx(
+        result.perplexity / result.baseline_perplexity
+    )
+
+    # Per-example scores add up to the reported figures (a promotion gate resamples them).
+    scores = pq.read_table(result.scores_file)
+    assert scores.schema.equals(SCORES_SCHEMA)
+    assert scores.num_rows == result.n_examples
+    assert set(scores.column("id").to_pylist()) <= set(holdout.column("id").to_pylist())
+    nll, tokens = scores.column("nll_sum").to_numpy(), scores.column("n_tokens").to_numpy()
+    assert tokens.sum() == result.n_tokens
+    assert result.perplexity == pytest.approx(math.exp(nll.sum() / tokens.sum()))
+    correct = scores.column("n_correct").to_numpy()
+    assert result.next_token_accuracy == pytest.approx(correct.sum() / tokens.sum())
+
+    with result.generations_file.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == params.evaluate.prompts
+    assert tuple(rows[0]) == GENERATION_COLUMNS
+    assert all(r["prompt"].startswith("Hi, my ") and r["reference"] for r in rows)
+
+    report = read_json(params.paths.reports / "evaluate.json")
+    assert report["run_id"] == run_id
+    assert report["perplexity"] == pytest.approx(result.perplexity)
+    logged = mlflow.get_run(run_id)
+    assert logged.data.metrics["perplexity"] == pytest.approx(result.perplexity)
+    assert logged.data.metrics["baseline_perplexity"] == pytest.approx(result.baseline_perplexity)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"generations.csv", "generations.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_padding_and_batch_size_do_not_change_an_examples_score(
+    prepared: Params, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    params = prepared
+    _pipeline(params, tiny_model_dir)
+
+    def score_with(batch_size: int) -> pa.Table:
+        result = score(
+            model_dir=params.paths.model,
+            holdout_file=params.paths.split / "holdout.parquet",
+            train_file=params.paths.split / "train.parquet",
+            cfg=EvaluateParams(batch_size=batch_size, max_examples=10, prompts=0),
+            max_seq_len=params.train.max_seq_len,
+            scores_file=tmp_path / f"scores-{batch_size}.parquet",
+            generations_file=tmp_path / f"generations-{batch_size}.csv",
+        )
+        assert result.n_examples == 10 and result.n_generations == 0
+        return pq.read_table(result.scores_file)
+
+    alone, padded = score_with(1), score_with(8)
+    assert alone.num_rows == 10
+    assert alone.column("id").equals(padded.column("id"))
+    assert alone.column("n_tokens").equals(padded.column("n_tokens"))
+    assert len(set(alone.column("n_tokens").to_pylist())) > 1  # the batch of 8 really was padded
+    np.testing.assert_allclose(
+        alone.column("nll_sum").to_numpy(), padded.column("nll_sum").to_numpy(), rtol=1e-4
+    )
+    assert alone.column("n_correct").equals(padded.column("n_correct"))
+
+
+@pytest.mark.slow
+def test_model_outside_the_pipeline_gets_its_own_run(
+    prepared: Params, tiny_model_dir: Path
+) -> None:
+    import mlflow
+
+    params = prepared
+    _pipeline(params, tiny_model_dir)  # no reports/train.json: no pipeline run to add to
+    result = run(params)
+    run_id = read_json(params.paths.reports / "evaluate.json")["run_id"]
+    logged = mlflow.get_run(run_id)
+    assert logged.info.run_name == "evaluate"
+    assert logged.data.metrics["next_token_accuracy"] == pytest.approx(result.next_token_accuracy)
+
+
+def test_missing_model_names_the_setting_and_the_fix(prepared: Params) -> None:
+    tasks.split.run(prepared)
+    with pytest.raises(RetuneError, match=r"paths\.model.*run the train stage"):
+        run(prepared)

@@ -1,0 +1,517 @@
+"""Stage `register`: log the fine-tuned model into the pipeline's MLflow run and register a version.
+
+Runs as `python -m tasks.register` (the dvc.yaml stage) and as `register_task` in Prefect flows.
+Each call adds a version under `register.model_name`, tagged with the code, data, settings and
+metrics it came from, described by a generated model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+
+from retune.chat import SPECIAL_TOKENS, render
+from retune.config import Params, RegisterParams, TrackingParams
+from retune.entry import stage_main
+from retune.errors import RetuneError
+from retune.gitinfo import GitState, git_state
+from retune.masking import safe_params
+from retune.reports import read_json, write_json
+
+if TYPE_CHECKING:
+    import mlflow
+
+# Pinned to what is installed: left to itself MLflow infers requirements by loading the model in
+# a subprocess (seconds) and adds torchvision, which retune neither uses nor ships.
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors")
+EXAMPLE_PROMPT = "Hi, my router keeps disconnecting. What should I do?"
+_HF_CARD_HEADER = (
+    "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- retune\n---\n"
+)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a registered version states about itself: its tags, description and model card."""
+
+    model_name: str
+    run_id: str
+    params: dict[str, str]  # every setting, flattened (`train.max_steps`), secrets masked
+    git: GitState
+    data_version: str | None = None
+    data_counts: dict[str, int] = field(default_factory=dict)  # records, train, holdout, ...
+    metrics: dict[str, float] = field(default_factory=dict)  # evaluate.json numbers
+    train_stats: dict[str, float] = field(default_factory=dict)  # train.json numbers
+    architecture: dict[str, Any] = field(default_factory=dict)  # filled from the loaded model
+    version: int | None = None  # known once the registry assigned it
+
+    @property
+    def evaluated(self) -> bool:
+        return bool(self.metrics)
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    model_name: str
+    version: int
+    run_id: str
+    model_uri: str  # models:/<name>/<version>
+    data_version: str | None
+    git_commit: str | None
+    model_card: str
+    log_model_s: float
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
+
+
+def _label(key: str) -> str:
+    return key.removeprefix("n_").replace("_", " ")
+
+
+def _base_model_text(base: str) -> str:
+    if base == "scratch":
+        return "none: a GPT-2 initialised from `train.scratch`, tokenizer trained on the corpus"
+    return f"`{base}`"
+
+
+def _architecture_text(arch: Mapping[str, Any]) -> str:
+    parts = [str(arch.get("model_type", "unknown"))]
+    for key, unit in (("n_layer", "layers"), ("hidden_size", "wide"), ("n_head", "heads")):
+        if arch.get(key) is not None:
+            parts.append(f"{arch[key]} {unit}")
+    if arch.get("vocab_size") is not None:
+        parts.append(f"vocabulary {_fmt(arch['vocab_size'])}")
+    if arch.get("context_tokens") is not None:
+        parts.append(f"context {_fmt(arch['context_tokens'])} tokens")
+    if arch.get("n_parameters") is not None:
+        parts.append(f"{arch['n_parameters'] / 1e6:.2f}M parameters")
+    return ", ".join(parts)
+
+
+def _metric_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, str]]:
+    """(metric, this model, baseline) rows; `baseline_<m>` values pair up with `<m>`."""
+    rows = []
+    for key, value in metrics.items():
+        if key.startswith("baseline_") and key.removeprefix("baseline_") in metrics:
+            continue
+        baseline = metrics.get(f"baseline_{key}")
+        rows.append((key, _fmt(value), "—" if baseline is None else _fmt(baseline)))
+    return rows
+
+
+def model_card(facts: ModelFacts) -> str:
+    """The Markdown model card of `facts`: identity, data, evaluation, training, use, limits."""
+    name, version = facts.model_name, facts.version
+    uri = f"models:/{name}/{version if version is not None else '<version>'}"
+    commit = facts.git.commit_tag
+    dirty = {"true": " (with uncommitted changes)", "false": ""}.get(facts.git.dirty_tag, "")
+    lines = [
+        f"# {name}" + (f" v{version}" if version is not None else ""),
+        "",
+        "A causal language model fine-tuned by retune to draft replies in the customer-support "
+        "conversations it was trained on.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Registered model | `{name}`"
+        + (f", version {version}" if version is not None else " (see the registry version)")
+        + " |",
+        f"| MLflow run | `{facts.run_id}` |",
+        f"| Base model | {_base_model_text(facts.params.get('train.base_model', 'unknown'))} |",
+        f"| Architecture | {_architecture_text(facts.architecture)} |",
+        f"| Code | git `{commit}`{dirty} |",
+        f"| Data version | `{facts.data_version or 'unknown'}` |",
+        "",
+        "## Data",
+        "",
+    ]
+    if facts.data_counts:
+        lines += [f"- {_label(k)}: {_fmt(v)}" for k, v in facts.data_counts.items()]
+    else:
+        lines.append("- no data reports were found (reports/ingest.json, reports/split.json)")
+    redact = facts.params.get("ingest.redact")
+    if redact:
+        lines.append(f"- personal data redacted at ingest: {redact}")
+    lines += ["", "## Evaluation", ""]
+    if facts.evaluated:
+        lines += [
+            "Measured on the holdout split by the `evaluate` stage. Baseline values are the "
+            "`baseline_*` figures it reports. Lower perplexity and loss are better; higher "
+            "accuracy is better.",
+            "",
+            "| metric | this model | baseline |",
+            "|---|---|---|",
+            *[f"| {m} | {v} | {b} |" for m, v, b in _metric_rows(facts.metrics)],
+        ]
+    else:
+        lines.append(
+            "**Not evaluated**: reports/evaluate.json was missing when this version was "
+            "registered. Run the `evaluate` stage before relying on it."
+        )
+    lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in facts.train_stats.items()]
+    scratch = facts.params.get("train.base_model") == "scratch"
+    lines += [
+        f"| {k} | `{v}` |"
+        for k, v in facts.params.items()
+        if k.startswith("train.")
+        and k != "train.base_model"
+        and (scratch or not k.startswith("train.scratch."))
+    ]
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        "Drafting replies to customer-support conversations of the kind in the training data, "
+        "for a person to review, correct and send.",
+        "",
+        "## Limitations",
+        "",
+        "- A small model trained on one narrow corpus (synthetic sample data or the operator's "
+        "own exports): outside that domain and style its text is poor.",
+        "- It can write fluent text that is wrong: invented order numbers, policies, refunds or "
+        "troubleshooting steps; it can repeat itself or produce rude or unsafe text.",
+        "- Personal data beyond what ingest redacts may have been memorised from the inputs.",
+        "- Not for unsupervised use: a person must check every reply before a customer sees it.",
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "import mlflow",
+        f'model = mlflow.pyfunc.load_model("{uri}")',
+        f'model.predict(["{EXAMPLE_PROMPT}"])',
+        "```",
+        "",
+        f"Serve it with `mlflow models serve -m {uri} --env-manager local`. Prompts are wrapped "
+        "in the chat template; pass `max_new_tokens` or `do_sample` as request params.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def description(facts: ModelFacts) -> str:
+    """One paragraph for the registry version's description."""
+    arch = facts.architecture
+    size = f"{arch['n_parameters'] / 1e6:.2f}M-parameter " if arch.get("n_parameters") else ""
+    base = facts.params.get("train.base_model", "unknown")
+    text = (
+        f"{size}{arch.get('model_type', 'causal LM')} fine-tuned by retune "
+        f"(base: {base}) on data version {(facts.data_version or 'unknown')[:12]}"
+    )
+    if "n_train" in facts.data_counts:
+        text += f" ({_fmt(facts.data_counts['n_train'])} train conversations)"
+    if facts.evaluated:
+        shown = [
+            f"{m} {v}" + (f" (baseline {b})" if b != "—" else "")
+            for m, v, b in _metric_rows(facts.metrics)
+        ]
+        text += "; holdout " + ", ".join(shown)
+    else:
+        text += "; not evaluated"
+    dirty = " with uncommitted changes" if facts.git.dirty else ""
+    return (
+        f"{text}. Code {facts.git.commit_tag[:12]}{dirty}, MLflow run {facts.run_id}. "
+        "Drafts support replies for human review; see MODEL_CARD.md for limitations."
+    )
+
+
+def version_tags(facts: ModelFacts) -> dict[str, str]:
+    """Registry tags: provenance, metrics by name, and every setting as `params.<key>`."""
+    tags = {
+        "run_id": facts.run_id,
+        "git_commit": facts.git.commit_tag,
+        "git_dirty": facts.git.dirty_tag,
+        "data_version": facts.data_version or "unknown",
+        "evaluated": str(facts.evaluated).lower(),
+    }
+    tags.update({k: repr(float(v)) for k, v in {**facts.metrics, **facts.train_stats}.items()})
+    if facts.architecture.get("n_parameters") is not None:
+        tags["n_parameters"] = str(facts.architecture["n_parameters"])
+    tags.update({f"params.{k}": v for k, v in facts.params.items()})
+    return tags
+
+
+def describe_architecture(model: Any) -> dict[str, Any]:
+    """Size facts of a transformers model, read through the config's generic attribute names."""
+    config = model.config
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "n_layer": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "n_head": getattr(config, "num_attention_heads", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "context_tokens": getattr(config, "max_position_embeddings", None),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def prompt_template(tokenizer: Any) -> str | None:
+    """The chat template rendered around `{prompt}`: a served request is one user turn."""
+    marker = "\x00prompt\x00"
+    text = render(tokenizer, [{"role": "user", "content": marker}], add_generation_prompt=True)
+    if text.count(marker) != 1:
+        return None
+    # str.format would read any brace the template itself contains as a field.
+    escaped = text.replace("{", "{{").replace("}", "}}")
+    return escaped.replace(marker, "{prompt}")
+
+
+def bound_generation(model: Any, tokenizer: Any, max_new_tokens: int) -> int:
+    """Make the saved generation config greedy, bounded, and stop at the end of a turn; return
+    the reply length actually used (at most half the context, so a prompt always fits)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        # Lets the pipeline drop a long prompt's oldest tokens instead of indexing past the
+        # position embeddings (`handle_long_generation="hole"` reads this).
+        tokenizer.model_max_length = min(tokenizer.model_max_length, context)
+        if max_new_tokens > context // 2:
+            print(
+                f"register: register.max_new_tokens={max_new_tokens} leaves too little of the "
+                f"model's {context}-token context for the prompt; serving with {context // 2}",
+                flush=True,
+            )
+            max_new_tokens = context // 2
+    vocab = tokenizer.get_vocab()
+    # `<|end|>` closes a turn and a new role marker starts another: either ends the reply.
+    stops = [SPECIAL_TOKENS["eos"], "<|end|>", "<|user|>", "<|system|>"]
+    stop_ids = list(dict.fromkeys(vocab[t] for t in stops if t in vocab))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
+        stop_ids.insert(0, tokenizer.eos_token_id)
+    gen = model.generation_config
+    gen.max_new_tokens = max_new_tokens
+    gen.do_sample = False
+    gen.eos_token_id = stop_ids or gen.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    return max_new_tokens
+
+
+def pinned_requirements() -> list[str]:
+    """`name==version` of the installed serving packages (local tags such as +cpu dropped)."""
+    pins = []
+    for name in SERVING_PACKAGES:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{name}=={version.split('+')[0]}")
+    return pins
+
+
+def _signature(max_new_tokens: int) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", max_new_tokens),
+                ParamSpec("do_sample", "boolean", False),
+            ]
+        ),
+    )
+
+
+@contextmanager
+def _open_run(tracking: TrackingParams, run_id: str) -> Iterator[mlflow.ActiveRun]:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from retune.tracking import resume_run, setup_tracking
+
+    setup_tracking(tracking)
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise RetuneError(
+            f"reports/train.json names MLflow run {run_id}, which is not in tracking.uri="
+            f"{tracking.uri}; re-run `train` (it starts the run register adds to)"
+        ) from None
+    with resume_run(tracking, run_id) as run:
+        yield run
+
+
+def register(
+    cfg: RegisterParams, tracking: TrackingParams, model_dir: Path, facts: ModelFacts
+) -> RegisterResult:
+    """Log the model in `model_dir` into run `facts.run_id` with the transformers flavour,
+    register it as a new version of `cfg.model_name`, tag and describe it, and log the model
+    card (`model_card/v<version>/MODEL_CARD.md` in the run, `model_card.md` in the model)."""
+    import mlflow
+    from huggingface_hub import ModelCard
+    from mlflow import MlflowClient
+
+    from retune.modeling import load_pretrained
+
+    if not (model_dir / "config.json").is_file():
+        raise RetuneError(
+            f"paths.model={model_dir}: no fine-tuned model there (config.json missing); "
+            "run `train` first"
+        )
+    # An absolute path: MLflow looks a relative `name_or_path` up on the hub as a repo id.
+    model, tokenizer = load_pretrained(model_dir.resolve())
+    max_new_tokens = bound_generation(model, tokenizer, cfg.max_new_tokens)
+    facts = dataclasses.replace(facts, architecture=describe_architecture(model))
+
+    with _open_run(tracking, facts.run_id):
+        print(f"register: logging the model into MLflow run {facts.run_id}", flush=True)
+        started = time.perf_counter()
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
+            signature=_signature(max_new_tokens),
+            # A short reply keeps the serving check MLflow runs on the example quick (a full
+            # max_new_tokens reply took ~2.4 s of the ~2.9 s log_model on the 4x256 model).
+            input_example=(EXAMPLE_PROMPT, {"max_new_tokens": 8}),
+            pip_requirements=pinned_requirements(),
+            model_config={
+                "max_new_tokens": max_new_tokens,
+                "do_sample": False,
+                "return_full_text": False,
+                "handle_long_generation": "hole",
+            },
+            prompt_template=prompt_template(tokenizer),
+            # Our own card; without one MLflow tries to fetch the base model's from the hub.
+            model_card=ModelCard(_HF_CARD_HEADER + model_card(facts)),
+            metadata={
+                "data_version": facts.data_version or "unknown",
+                "git_commit": facts.git.commit_tag,
+            },
+        )
+        log_model_s = time.perf_counter() - started
+        print(f"register: model logged in {log_model_s:.1f} s", flush=True)
+
+        mv = mlflow.register_model(
+            info.model_uri, cfg.model_name, await_registration_for=300, tags=version_tags(facts)
+        )
+        version = int(mv.version)
+        client = MlflowClient()
+        status = client.get_model_version(cfg.model_name, str(version)).status
+        if status != "READY":
+            raise RetuneError(
+                f"model registry: {cfg.model_name} version {version} is {status}, not READY; "
+                f"check the MLflow store at tracking.uri={tracking.uri}"
+            )
+        facts = dataclasses.replace(facts, version=version)
+        card = model_card(facts)
+        client.update_model_version(cfg.model_name, str(version), description=description(facts))
+        mlflow.log_text(card, f"model_card/v{version}/MODEL_CARD.md")
+
+    uri = f"models:/{cfg.model_name}/{version}"
+    print(f"register: {uri} is READY", flush=True)
+    return RegisterResult(
+        model_name=cfg.model_name,
+        version=version,
+        run_id=facts.run_id,
+        model_uri=uri,
+        data_version=facts.data_version,
+        git_commit=facts.git.commit,
+        model_card=card,
+        log_model_s=log_model_s,
+    )
+
+
+def _numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a report, nested keys dotted; flags and text are left out."""
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_numbers(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def _optional(path: Path) -> dict[str, Any] | None:
+    return read_json(path) if path.exists() else None
+
+
+def gather_facts(params: Params, git: GitState) -> ModelFacts:
+    """Read what the earlier stages reported: run id, metrics, data version and counts."""
+    reports = params.paths.reports
+    train_file = reports / "train.json"
+    if not train_file.exists():
+        raise RetuneError(
+            f"{train_file}: missing; run `train` first (it writes the MLflow run id as run_id)"
+        )
+    train_report = read_json(train_file)
+    run_id = train_report.get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise RetuneError(f"{train_file}: no run_id; re-run `train`")
+
+    evaluation = _optional(reports / "evaluate.json")
+    if evaluation is None:
+        print(
+            f"register: {reports / 'evaluate.json'} missing: registering without evaluation "
+            "metrics (the version is tagged evaluated=false)",
+            flush=True,
+        )
+    manifest = _optional(params.paths.prepared / "manifest.json") or {}
+    counts: dict[str, int] = {}
+    for report in (
+        manifest,
+        _optional(reports / "ingest.json") or {},
+        _optional(reports / "split.json") or {},
+    ):
+        counts.update(
+            {
+                k: int(v)
+                for k, v in report.items()
+                if k.startswith("n_") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
+    data_version = manifest.get("data_version")
+    train_stats = {k: v for k, v in _numbers(train_report).items() if k != "run_id"}
+    return ModelFacts(
+        model_name=params.register.model_name,
+        run_id=run_id,
+        params=safe_params(params),
+        git=git,
+        data_version=data_version if isinstance(data_version, str) else None,
+        data_counts=counts,
+        metrics=_numbers(evaluation or {}),
+        train_stats=train_stats,
+    )
+
+
+def run(params: Params) -> RegisterResult:
+    """Edge: gather the reports, register the model, write reports/register.json and the card."""
+    facts = gather_facts(params, git_state())
+    result = register(params.register, params.tracking, params.paths.model, facts)
+    reports = params.paths.reports
+    write_json(
+        reports / "register.json",
+        {
+            "model_name": result.model_name,
+            "version": result.version,
+            "run_id": result.run_id,
+            "model_uri": result.model_uri,
+            "data_version": result.data_version,
+            "git_commit": result.git_commit,
+        },
+    )
+    (reports / "MODEL_CARD.md").write_text(result.model_card, encoding="utf-8")
+    return result
+
+
+register_task = task(run, name="register")
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from retune.chat import SPECIAL_TOKENS, ensure_chat_template
+from retune.chat import SPECIAL_TOKENS, ensure_chat_template, render
 from retune.config import ScratchModelParams
 from retune.errors import BaseModelError
 from retune.pii import PLACEHOLDERS
@@ -80,7 +80,8 @@ def load_pretrained(name_or_path: str | Path) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(Path(ref).expanduser() if looks_local else ref)
         model = AutoModelForCausalLM.from_pretrained(Path(ref).expanduser() if looks_local else ref)
-    except OSError as exc:
+    # An empty or foreign folder makes AutoTokenizer raise ValueError rather than OSError.
+    except (OSError, ValueError) as exc:
         hint = (
             "It is not a local directory, and the Hugging Face hub is offline (HF_HUB_OFFLINE=1 "
             "is retune's default): set HF_HUB_OFFLINE=0 when online, or download the model and "
@@ -88,7 +89,9 @@ def load_pretrained(name_or_path: str | Path) -> tuple[Any, Any]:
             if not looks_local
             else "The folder lacks a model or tokenizer saved with save_pretrained."
         )
-        raise BaseModelError(f"train.base_model={ref!r} could not be loaded: {exc}\n{hint}") from exc
+        raise BaseModelError(
+            f"train.base_model={ref!r} could not be loaded: {exc}\n{hint}"
+        ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer)
@@ -97,3 +100,11 @@ def load_pretrained(name_or_path: str | Path) -> tuple[Any, Any]:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def train_chat_tokenizer(conversations: Iterable[list[dict[str, str]]], vocab_size: int) -> Any:
+    """Train the scratch tokenizer on `conversations` rendered with retune's chat template,
+    i.e. on exactly the text the model will read."""
+    # An alphabet-only tokenizer already carries the template, which is all rendering needs.
+    renderer = train_tokenizer([], vocab_size)
+    return train_tokenizer((render(renderer, m) for m in conversations), vocab_size)

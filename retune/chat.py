@@ -32,7 +32,9 @@ def ensure_chat_template(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+def render(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False
+) -> str:
     """Render messages to the text the model is trained on (no tokenisation)."""
     text: str = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt

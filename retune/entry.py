@@ -1,14 +1,20 @@
-"""The `python -m tasks.<stage>` entry: environment, params, one stage, a clean exit code."""
+"""How a stage is entered: `python -m tasks.<stage>` (DVC) and as a Prefect task (flows)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from retune.config import DEFAULT_PARAMS, ConfigError, Params, load_params
 from retune.env import configure_environment
 from retune.errors import RetuneError
+
+if TYPE_CHECKING:
+    from prefect import Task
+
+R = TypeVar("R")
 
 
 def stage_main(run: Callable[[Params], object], params_path: Path = DEFAULT_PARAMS) -> None:
@@ -20,3 +26,15 @@ def stage_main(run: Callable[[Params], object], params_path: Path = DEFAULT_PARA
     except (ConfigError, RetuneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def stage_task(run: Callable[[Params], R], name: str) -> Task[[Params], R]:
+    """Wrap a stage's `run` as the Prefect task the flows call: same function as DVC's cmd.
+
+    No result caching: each stage already writes its outputs to files named in params.yaml,
+    and a cache keyed on the params alone would skip work after the data changed.
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(name=name, cache_policy=NO_CACHE)(run)

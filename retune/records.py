@@ -74,7 +74,7 @@ class Record:
 
 
 def record_id(messages: Sequence[tuple[str, str]]) -> str:
-    """Content hash of a conversation: identical conversations share an id wherever they come from."""
+    """Content hash of a conversation: the same conversation has one id wherever it is."""
     payload = json.dumps([list(m) for m in messages], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
 

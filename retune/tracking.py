@@ -5,8 +5,8 @@ Stages call `setup_tracking` in `run(params)`; nothing here runs at import time.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +49,7 @@ def setup_tracking(cfg: TrackingParams) -> str:
 
 
 @contextmanager
-def resume_run(cfg: TrackingParams, run_id: str) -> Iterator["mlflow.ActiveRun"]:
+def resume_run(cfg: TrackingParams, run_id: str) -> Iterator[mlflow.ActiveRun]:
     """Re-open the pipeline's MLflow run (started by `train`) to add to it."""
     import mlflow
 

@@ -18,11 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import task
 
 from retune.chat import SPECIAL_TOKENS, render
 from retune.config import EvaluateParams, Params, TrackingParams
-from retune.entry import stage_main
+from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.metrics import load_metric
 from retune.reports import read_json, write_json
@@ -374,7 +373,7 @@ def run(params: Params) -> EvaluateResult:
     return result
 
 
-evaluate_task = task(run, name="evaluate")
+evaluate_task = stage_task(run, name="evaluate")
 
 if __name__ == "__main__":
     stage_main(run)

@@ -26,10 +26,9 @@ import orjson  # a dependency of prefect, great-expectations and dvc; ~3x faster
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import task
 
 from retune.config import ColumnsParams, IngestParams, Params
-from retune.entry import stage_main
+from retune.entry import stage_main, stage_task
 from retune.errors import IngestError
 from retune.pii import PREFILTERS, redact
 from retune.records import ROLES, Record, write_records
@@ -1175,7 +1174,7 @@ def run(params: Params) -> IngestResult:
     return result
 
 
-ingest_task = task(run, name="ingest")
+ingest_task = stage_task(run, name="ingest")
 
 if __name__ == "__main__":
     stage_main(run)

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-
 from retune.chat import SPECIAL_TOKENS, render
 from retune.config import Params, RegisterParams, TrackingParams
-from retune.entry import stage_main
+from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.gitinfo import GitState, git_state
 from retune.masking import safe_params
@@ -511,7 +509,7 @@ def run(params: Params) -> RegisterResult:
     return result
 
 
-register_task = task(run, name="register")
+register_task = stage_task(run, name="register")
 
 if __name__ == "__main__":
     stage_main(run)

@@ -20,10 +20,9 @@ from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
 from retune.config import Params, SampleParams
-from retune.entry import stage_main
+from retune.entry import stage_main, stage_task
 from retune.reports import write_json
 
 DEFECT_KINDS = (
@@ -1388,7 +1387,7 @@ def run(params: Params) -> SampleResult | None:
     return result
 
 
-sample_task = task(run, name="sample")
+sample_task = stage_task(run, name="sample")
 
 if __name__ == "__main__":
     stage_main(run)

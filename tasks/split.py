@@ -14,10 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import task
 
 from retune.config import Params
-from retune.entry import stage_main
+from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.records import read_records
 from retune.reports import write_json
@@ -65,10 +64,12 @@ def run(params: Params) -> SplitResult:
         {"n_train": train.num_rows, "n_holdout": holdout.num_rows},
     )
     print(f"split: {train.num_rows} train, {holdout.num_rows} holdout conversations")
-    return SplitResult(out / "train.parquet", out / "holdout.parquet", train.num_rows, holdout.num_rows)
+    return SplitResult(
+        out / "train.parquet", out / "holdout.parquet", train.num_rows, holdout.num_rows
+    )
 
 
-split_task = task(run, name="split")
+split_task = stage_task(run, name="split")
 
 if __name__ == "__main__":
     stage_main(run)

@@ -15,10 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-
 from retune.config import Params, ValidateParams
-from retune.entry import stage_main
+from retune.entry import stage_main, stage_task
 from retune.env import configure_environment
 from retune.errors import DataValidationError
 from retune.pii import PATTERNS
@@ -469,7 +467,7 @@ def run(params: Params) -> ValidateResult:
     )
 
 
-validate_task = task(run, name="validate")
+validate_task = stage_task(run, name="validate")
 
 if __name__ == "__main__":
     stage_main(run)

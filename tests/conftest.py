@@ -50,8 +50,7 @@ def tiny_params_for(tmp: Path, **sections: dict) -> Params:
     base = load_params(ROOT / "params.yaml")
     raw = {
         "paths": {
-            f.name: str(tmp / getattr(base.paths, f.name))
-            for f in dataclasses.fields(base.paths)
+            f.name: str(tmp / getattr(base.paths, f.name)) for f in dataclasses.fields(base.paths)
         },
         "tracking": {
             "uri": f"sqlite:///{tmp}/mlruns/mlflow.db",
@@ -107,8 +106,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     texts = [" ".join(c for _, c in conv) for conv in make_conversations(80)]
     tokenizer = train_tokenizer(texts, vocab_size=400)
-    model = scratch_model(ScratchModelParams(vocab_size=400, n_layer=2, n_head=2, n_embd=32),
-                          tokenizer, max_seq_len=64)
+    model = scratch_model(
+        ScratchModelParams(vocab_size=400, n_layer=2, n_head=2, n_embd=32),
+        tokenizer,
+        max_seq_len=64,
+    )
     assert render(tokenizer, [{"role": "user", "content": "hi"}])
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

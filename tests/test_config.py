@@ -47,7 +47,7 @@ def test_dotted_overrides_parse_values_as_yaml() -> None:
 
 
 def test_malformed_override_and_missing_file_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         apply_overrides({}, ["train.max_steps"])
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")

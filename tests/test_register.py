@@ -217,7 +217,7 @@ def test_model_card_states_the_facts() -> None:
         "- train: 11,400",
         "| perplexity | 12.5 | 4,096.0 |",
         "| next_token_accuracy | 0.4 | — |",
-        "| train.max_steps | `400` |",
+        f"| train.max_steps | `{Params().train.max_steps}` |",
         "none: a GPT-2 initialised from `train.scratch`",
         "## Intended use",
         "Not for unsupervised use",

@@ -286,3 +286,24 @@ def test_run_fills_an_empty_folder_once(tiny_params: Params) -> None:
     before = {p: p.read_bytes() for p in result.files}
     assert run(tiny_params) is None  # now it holds data: a second run leaves it alone
     assert {p: p.read_bytes() for p in result.files} == before
+
+
+def test_a_fresh_clone_rebuilds_exactly_the_dvc_tracked_sample(tmp_path: Path) -> None:
+    """data/incoming.dvc pins the sample's bytes; regenerating must reproduce them, or a fresh
+    clone's `make data` would silently train on different data than the committed version."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from retune.config import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    params = load_params(root / "params.yaml")
+    generate(params.sample, params.seed, tmp_path / "incoming")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*dvc, "add", "-q", "incoming"], cwd=tmp_path, check=True)
+    rebuilt = yaml.safe_load((tmp_path / "incoming.dvc").read_text())["outs"][0]
+    tracked = yaml.safe_load((root / "data" / "incoming.dvc").read_text())["outs"][0]
+    assert (rebuilt["md5"], rebuilt["nfiles"]) == (tracked["md5"], tracked["nfiles"])

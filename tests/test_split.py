@@ -13,8 +13,13 @@ from tests.conftest import make_conversations
 
 def _table(n: int, start: int = 0) -> pa.Table:
     rows = [
-        Record(messages=tuple(c), source="f.jsonl", line=i, format="chat_jsonl",
-               conversation_id=f"conv-{start + i}").to_row()
+        Record(
+            messages=tuple(c),
+            source="f.jsonl",
+            line=i,
+            format="chat_jsonl",
+            conversation_id=f"conv-{start + i}",
+        ).to_row()
         for i, c in enumerate(make_conversations(n, seed=start), start=0)
     ]
     from retune.records import SCHEMA
@@ -55,8 +60,11 @@ def test_run_writes_both_sides_and_report(prepared: Params) -> None:
 
 def test_records_round_trip(tmp_path) -> None:
     path = tmp_path / "r.parquet"
-    rows = [Record(messages=(("user", "a"), ("assistant", "b")), source="x", line=1,
-                   format="chat_jsonl").to_row()]
+    rows = [
+        Record(
+            messages=(("user", "a"), ("assistant", "b")), source="x", line=1, format="chat_jsonl"
+        ).to_row()
+    ]
     assert write_records(iter(rows), path) == 1
     back = pq.read_table(path).to_pylist()[0]
     assert back["roles"] == "user assistant" and back["text"] == "a\nb"

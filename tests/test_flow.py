@@ -1,0 +1,132 @@
+"""The `retrain` flow end to end under Prefect's test harness, on tiny data and a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retune.config import Params, to_plain
+from tests.conftest import make_conversations, tiny_params_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_incoming(params: Params, extra_lines: list[bytes]) -> Path:
+    """80 good conversations as chat JSONL, then `extra_lines` appended (1-based line numbers
+    of the extras start at 81)."""
+    params.paths.incoming.mkdir(parents=True, exist_ok=True)
+    path = params.paths.incoming / "chats.jsonl"
+    lines = [
+        json.dumps({"messages": [{"role": r, "content": c} for r, c in conv]}).encode()
+        for conv in make_conversations(80)
+    ]
+    path.write_bytes(b"\n".join(lines + extra_lines) + b"\n")
+    return path
+
+
+def params_file(params: Params, tmp_path: Path) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(to_plain(params)))
+    return str(path)
+
+
+def test_flow_quarantines_bad_lines_trains_on_the_rest_and_registers(
+    harness: None, tmp_path: Path
+) -> None:
+    from flows.retrain import retrain
+
+    params = tiny_params_for(tmp_path)
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    ).encode()
+    write_incoming(
+        params,
+        [
+            b'{"messages": [{"role": "user", "content": "truncated',  # line 81
+            b'{"messages": [{"role": "user", "content": "caf\xe9 bad bytes"}]}',  # line 82
+            json.dumps({"messages": [{"role": "moderator", "content": "x"}]}).encode(),  # 83
+            good,  # line 84, accepted
+            good,  # line 85, exact duplicate of 84
+        ],
+    )
+    summary = retrain(params_file(params, tmp_path))
+
+    quarantined = [
+        json.loads(line)
+        for line in (params.paths.quarantine / "quarantine.jsonl").read_text().splitlines()
+    ]
+    by_line = {q["line"]: q["reason"] for q in quarantined}
+    assert by_line == {
+        81: "malformed_json",
+        82: "invalid_utf8",
+        83: "unknown_role",
+        85: "duplicate",
+    }
+    assert all(q["source"] == "chats.jsonl" for q in quarantined)
+    ingest = json.loads((params.paths.reports / "ingest.json").read_text())
+    assert ingest["input_rows"] == 85
+    assert ingest["accepted_rows"] == 81 and ingest["quarantined_rows"] == 4
+
+    assert summary["version"] is not None
+    assert set(summary["stages_s"]) == {
+        "ingest",
+        "validate",
+        "split",
+        "train",
+        "evaluate",
+        "register",
+    }
+    # The registered model loads through MLflow in a fresh process and generates text.
+    code = (
+        "import mlflow, sys\n"
+        f"m = mlflow.pyfunc.load_model({summary['model_uri']!r})\n"
+        "out = m.predict(['Hi, my router'])\n"
+        "text = out[0] if isinstance(out, list) else out.iloc[0, 0]\n"
+        "text = text if isinstance(text, str) else str(text)\n"
+        "assert text.strip(), out\n"
+        "print('GENERATED', repr(text))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking.uri, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GENERATED" in proc.stdout
+
+
+def test_failed_expectation_stops_before_train_and_registers_nothing(
+    harness: None, tmp_path: Path
+) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+    from retune.errors import DataValidationError
+    from retune.tracking import resolved_uri
+
+    params = tiny_params_for(tmp_path, validate={"min_examples": 10_000})
+    write_incoming(params, [])
+    with pytest.raises(DataValidationError, match=r"10000|10,000"):
+        retrain(params_file(params, tmp_path))
+
+    assert (params.paths.prepared / "records.parquet").exists()  # ingest ran
+    assert not params.paths.split.exists()  # split, train and everything after did not
+    assert not params.paths.model.exists()
+    assert not (params.paths.reports / "train.json").exists()
+    mlflow.set_tracking_uri(resolved_uri(params.tracking.uri))
+    assert MlflowClient().search_registered_models() == []

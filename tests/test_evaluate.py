@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import tasks.split
-from retune.config import EvaluateParams, Params
+from retune.config import Params
 from retune.errors import RetuneError
 from retune.metrics import NAMES, load_metric, metric_path
 from retune.reports import read_json, write_json
-from tasks.evaluate import (
-    GENERATION_COLUMNS,
-    SCORES_SCHEMA,
-    run,
-    score,
-    unigram_counts,
-    unigram_perplexity,
-)
+from retune.scoring import GENERATION_COLUMNS, SCORES_SCHEMA
+from tasks.evaluate import run, unigram_counts, unigram_perplexity
+
+REPLY_KEYS = {
+    "rouge_l",
+    "chrf",
+    "distinct_1",
+    "distinct_2",
+    "mean_reply_words",
+    "empty_reply_share",
+    "unsafe_share",
+}
 
 
 def test_metric_scripts_are_in_the_repo_and_load_by_path(tmp_path: Path) -> None:
@@ -32,7 +36,7 @@ def test_metric_scripts_are_in_the_repo_and_load_by_path(tmp_path: Path) -> None
         path = metric_path(name)
         assert path.is_file() and path.parent.name == "metrics"
         metric = load_metric(name, tmp_path)
-        assert metric.info.description and metric.info.citation and metric.info.inputs_description
+        assert metric.info.description and metric.info.inputs_description
 
 
 def test_perplexity_is_exp_of_token_weighted_mean_nll(tmp_path: Path) -> None:
@@ -123,51 +127,37 @@ def test_stage_scores_holdout_and_logs_into_the_pipeline_run(
     correct = scores.column("n_correct").to_numpy()
     assert result.next_token_accuracy == pytest.approx(correct.sum() / tokens.sum())
 
+    # Every holdout conversation (all have a reply) up to the generation budget is replied to.
     with result.generations_file.open(encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == params.evaluate.prompts
+    assert (
+        len(rows)
+        == result.n_generated
+        == min(params.evaluate.generation_examples, holdout.num_rows)
+    )
     assert tuple(rows[0]) == GENERATION_COLUMNS
     assert all(r["prompt"].startswith("Hi, my ") and r["reference"] for r in rows)
+    assert result.mean_reply_words == pytest.approx(
+        np.mean([len(r["generated"].split()) for r in rows])
+    )
+    assert result.rouge_l is not None and 0.0 <= result.rouge_l <= 1.0
+    assert result.unsafe_share is not None and 0.0 <= result.unsafe_share <= 1.0
 
     report = read_json(params.paths.reports / "evaluate.json")
     assert report["run_id"] == run_id
     assert report["perplexity"] == pytest.approx(result.perplexity)
+    assert REPLY_KEYS | {"n_generated"} <= set(report)
+    assert report["n_generated"] == len(rows)
     logged = mlflow.get_run(run_id)
     assert logged.data.metrics["perplexity"] == pytest.approx(result.perplexity)
     assert logged.data.metrics["baseline_perplexity"] == pytest.approx(result.baseline_perplexity)
+    for key in REPLY_KEYS:
+        assert logged.data.metrics[key] == pytest.approx(report[key])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"generations.csv", "generations.json"} <= artifacts
-
-
-@pytest.mark.slow
-def test_padding_and_batch_size_do_not_change_an_examples_score(
-    prepared: Params, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    params = prepared
-    _pipeline(params, tiny_model_dir)
-
-    def score_with(batch_size: int) -> pa.Table:
-        result = score(
-            model_dir=params.paths.model,
-            holdout_file=params.paths.split / "holdout.parquet",
-            train_file=params.paths.split / "train.parquet",
-            cfg=EvaluateParams(batch_size=batch_size, max_examples=10, prompts=0),
-            max_seq_len=params.train.max_seq_len,
-            scores_file=tmp_path / f"scores-{batch_size}.parquet",
-            generations_file=tmp_path / f"generations-{batch_size}.csv",
-        )
-        assert result.n_examples == 10 and result.n_generations == 0
-        return pq.read_table(result.scores_file)
-
-    alone, padded = score_with(1), score_with(8)
-    assert alone.num_rows == 10
-    assert alone.column("id").equals(padded.column("id"))
-    assert alone.column("n_tokens").equals(padded.column("n_tokens"))
-    assert len(set(alone.column("n_tokens").to_pylist())) > 1  # the batch of 8 really was padded
-    np.testing.assert_allclose(
-        alone.column("nll_sum").to_numpy(), padded.column("nll_sum").to_numpy(), rtol=1e-4
-    )
-    assert alone.column("n_correct").equals(padded.column("n_correct"))
+    # The MLflow table shows the first `evaluate.prompts` replies; the CSV artifact has all.
+    table = mlflow.load_table("generations.json", run_ids=[run_id])
+    assert table["id"].tolist() == [r["id"] for r in rows[: params.evaluate.prompts]]
 
 
 @pytest.mark.slow
@@ -176,13 +166,21 @@ def test_model_outside_the_pipeline_gets_its_own_run(
 ) -> None:
     import mlflow
 
-    params = prepared
+    # With generation off (or a corpus of documents: nothing to reply to) the reply metrics
+    # are left out of the report rather than written as zeros a gate could mistake for real.
+    params = dataclasses.replace(
+        prepared, evaluate=dataclasses.replace(prepared.evaluate, generation_examples=0)
+    )
     _pipeline(params, tiny_model_dir)  # no reports/train.json: no pipeline run to add to
     result = run(params)
-    run_id = read_json(params.paths.reports / "evaluate.json")["run_id"]
-    logged = mlflow.get_run(run_id)
+    report = read_json(params.paths.reports / "evaluate.json")
+    logged = mlflow.get_run(report["run_id"])
     assert logged.info.run_name == "evaluate"
     assert logged.data.metrics["next_token_accuracy"] == pytest.approx(result.next_token_accuracy)
+    assert report["n_generated"] == 0 and not REPLY_KEYS & set(report)
+    assert not REPLY_KEYS & set(logged.data.metrics)
+    header = result.generations_file.read_text(encoding="utf-8").strip()
+    assert header == ",".join(GENERATION_COLUMNS)
 
 
 def test_missing_model_names_the_setting_and_the_fix(prepared: Params) -> None:

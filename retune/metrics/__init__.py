@@ -13,7 +13,15 @@ if TYPE_CHECKING:
     import evaluate
 
 METRICS_DIR = Path(__file__).resolve().parent
-NAMES = ("perplexity", "next_token_accuracy")
+NAMES = (
+    "perplexity",
+    "next_token_accuracy",
+    "rouge_l",
+    "chrf",
+    "distinct_n",
+    "reply_length",
+    "unsafe_share",
+)
 
 
 def metric_path(name: str) -> Path:

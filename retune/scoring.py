@@ -1,0 +1,350 @@
+"""Per-example holdout scoring and batched reply generation for any loaded causal LM.
+
+Used by the `evaluate` stage and by anything that must judge another model on the very same
+examples (a promotion gate scoring production from the MLflow registry), so it takes model
+objects, not paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from retune.chat import SPECIAL_TOKENS, render
+from retune.errors import RetuneError
+from retune.metrics import load_metric
+
+SCORES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("conversation_id", pa.string()),
+        ("nll_sum", pa.float64()),  # summed token NLL in nats
+        ("n_tokens", pa.int64()),  # predicted positions (the first token is never predicted)
+        ("n_correct", pa.int64()),  # positions where the argmax was the actual next token
+    ]
+)
+GENERATION_COLUMNS = ("id", "prompt", "reference", "generated")
+# Reply metrics (modules in retune/metrics) and the figures `score_replies` keeps from them.
+REPLY_METRICS = ("rouge_l", "chrf", "distinct_n", "reply_length", "unsafe_share")
+_REPLY_FIGURES = (
+    "rouge_l",
+    "chrf",
+    "distinct_1",
+    "distinct_2",
+    "mean_reply_words",
+    "empty_reply_share",
+    "unsafe_share",
+)
+_READ_CHUNK = 2_048  # holdout rows read at once while picking the selected examples
+
+
+def max_positions(model: Any, max_seq_len: int) -> int:
+    """The longest sequence scored or generated: `max_seq_len`, capped by the model's window."""
+    limit = getattr(model.config, "max_position_embeddings", None) or max_seq_len
+    return int(min(max_seq_len, limit))
+
+
+def encode(
+    tokenizer: Any, conversations: list[list[dict[str, str]]], max_len: int
+) -> list[list[int]]:
+    """Token ids of each conversation exactly as `train` sees it (chat template, no added
+    special tokens, closed with eos), truncated to the first `max_len` positions."""
+    if not conversations:
+        return []
+    texts = [render(tokenizer, messages) for messages in conversations]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [(row + eos)[:max_len] for row in ids]
+
+
+def select_holdout(holdout_file: Path, max_examples: int, with_reply: bool = False) -> pa.Table:
+    """The first `max_examples` holdout records by id (columns id, conversation_id, messages).
+
+    Ordering by record id, unlike file order, favours no source file and keeps the same
+    examples in when data is added. Only ids are read whole; messages are streamed and kept
+    for the selected rows alone, so memory follows `max_examples`, not the holdout's size.
+    `with_reply` keeps only records with an assistant turn (conversations, not documents).
+    """
+    if not holdout_file.exists():
+        raise RetuneError(f"{holdout_file}: missing (paths.split); run the split stage first")
+    keys = pq.read_table(holdout_file, columns=["id", "roles"] if with_reply else ["id"])
+    if with_reply:
+        keys = keys.filter(pc.match_substring(keys.column("roles"), "assistant"))
+    wanted = keys.sort_by("id").column("id").slice(0, max_examples).combine_chunks()
+    parts = []
+    for batch in pq.ParquetFile(holdout_file).iter_batches(
+        batch_size=_READ_CHUNK, columns=["id", "conversation_id", "messages"]
+    ):
+        chunk = pa.Table.from_batches([batch])
+        parts.append(chunk.filter(pc.is_in(chunk.column("id"), value_set=wanted)))
+    if not parts:
+        return pa.table(
+            {"id": [], "conversation_id": [], "messages": []},
+            schema=pq.read_schema(holdout_file).select(["id", "conversation_id", "messages"]),
+        )
+    return pa.concat_tables(parts).sort_by("id").slice(0, max_examples)
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _score_batch(
+    model: Any, batch: list[list[int]], pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example: summed NLL, predicted positions, correct argmax predictions."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(len(s) for s in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    device = _device(model)
+    ids, mask = ids.to(device), mask.to(device)
+    # Right padding plus causal attention: real positions never see the pads after them.
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    # The mask comes from lengths, not `ids == pad_id`: where pad is eos, eos targets still count.
+    counted = mask[:, 1:].bool()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * counted
+    correct = (logits.argmax(dim=-1) == targets) & counted
+    return (
+        nll.sum(dim=1).double().cpu().numpy(),
+        counted.sum(dim=1).cpu().numpy().astype(np.int64),
+        correct.sum(dim=1).cpu().numpy().astype(np.int64),
+    )
+
+
+def score_examples(
+    model: Any,
+    tokenizer: Any,
+    holdout_file: Path,
+    max_examples: int,
+    batch_size: int,
+    max_seq_len: int,
+    *,
+    log_prefix: str = "scoring",
+) -> pa.Table:
+    """Score `model` on the first `max_examples` holdout records by id (`select_holdout`).
+
+    Reads only `holdout_file`; returns one row per example (`SCORES_SCHEMA`) in id order. The
+    values do not depend on `batch_size` (padding is masked out), so two models scored here are
+    compared example by example. Sets the model to eval mode; runs on the model's device.
+    """
+    import torch
+
+    selected = select_holdout(holdout_file, max_examples)
+    total = selected.num_rows
+    max_len = max_positions(model, max_seq_len)
+    encoded = encode(tokenizer, selected.column("messages").to_pylist(), max_len)
+    if sum(max(0, len(seq) - 1) for seq in encoded) == 0:
+        raise RetuneError(
+            f"{holdout_file}: the {total} selected holdout examples give no token to predict "
+            f"(each is at most one token long under max_seq_len={max_seq_len}; see "
+            "train.max_seq_len and the split stage)"
+        )
+    print(f"{log_prefix}: scoring {total} holdout examples", flush=True)
+    model.eval()
+    every = max(1, total // 10)
+    nll_parts, token_parts, correct_parts = [], [], []
+    done = 0
+    with torch.inference_mode():
+        for start in range(0, total, batch_size):
+            batch = encoded[start : start + batch_size]
+            nll_sum, n_tokens, n_correct = _score_batch(model, batch, tokenizer.pad_token_id)
+            nll_parts.append(nll_sum)
+            token_parts.append(n_tokens)
+            correct_parts.append(n_correct)
+            end = start + len(batch)
+            if end // every > done // every or end == total:
+                print(f"{log_prefix}: scored {end}/{total} examples", flush=True)
+            done = end
+    return pa.table(
+        {
+            "id": selected.column("id"),
+            "conversation_id": selected.column("conversation_id"),
+            "nll_sum": np.concatenate(nll_parts),
+            "n_tokens": np.concatenate(token_parts),
+            "n_correct": np.concatenate(correct_parts),
+        },
+        schema=SCORES_SCHEMA,
+    )
+
+
+def aggregate(scores: pa.Table, cache_dir: Path | None = None) -> dict[str, float | int]:
+    """Corpus figures from per-example `scores` (`SCORES_SCHEMA`), through retune's metric
+    modules: perplexity, mean_nll, next_token_accuracy, n_examples, n_tokens.
+
+    Works on any subset of the rows too (a bootstrap resample, one fold's examples).
+    """
+    nll_sum = scores.column("nll_sum").to_pylist()
+    n_tokens = scores.column("n_tokens").to_pylist()
+    n_correct = scores.column("n_correct").to_pylist()
+    with tempfile.TemporaryDirectory(prefix="retune-metrics-", dir=cache_dir) as cache:
+        ppl = load_metric("perplexity", Path(cache)).compute(nll_sum=nll_sum, n_tokens=n_tokens)
+        acc = load_metric("next_token_accuracy", Path(cache)).compute(
+            n_correct=n_correct, n_tokens=n_tokens
+        )
+    return {
+        "perplexity": float(ppl["perplexity"]),
+        "mean_nll": float(ppl["mean_nll"]),
+        "next_token_accuracy": float(acc["next_token_accuracy"]),
+        "n_examples": scores.num_rows,
+        "n_tokens": int(ppl["n_tokens"]),
+    }
+
+
+def prompt_and_reference(
+    messages: list[dict[str, str]],
+) -> tuple[list[dict[str, str]], str] | None:
+    """The turns before the first assistant reply, and that reply; None if there is none."""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            return (messages[:i], m["content"]) if i > 0 else None
+    return None
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    end = SPECIAL_TOKENS["roles"][-1]  # <|end|> closes every turn in retune's template
+    stop = [tokenizer.convert_tokens_to_ids(end)] if end in tokenizer.get_vocab() else []
+    if tokenizer.eos_token_id is not None:
+        stop.append(tokenizer.eos_token_id)
+    return stop
+
+
+def generate_replies(
+    model: Any,
+    tokenizer: Any,
+    holdout_file: Path,
+    n: int,
+    batch_size: int,
+    max_new_tokens: int,
+    max_seq_len: int,
+) -> Iterator[list[dict[str, str]]]:
+    """Greedy replies to the first `n` holdout conversations by id that have an assistant turn.
+
+    The prompt is every turn before the first assistant reply; that reply is the reference.
+    Yields one list of rows (`GENERATION_COLUMNS`) per batch of `batch_size` prompts, so the
+    caller can write and score them as they come and nothing accumulates. Prompts are left
+    padded in a batch; each keeps its end (it holds the question) and leaves room for
+    `max_new_tokens` within the model's window.
+    """
+    import torch
+
+    selected = select_holdout(holdout_file, n, with_reply=True)
+    max_len = max_positions(model, max_seq_len)
+    new_tokens = max(1, min(max_new_tokens, max_len - 1))
+    keep = max(1, max_len - new_tokens)
+    stop = _stop_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
+    device = _device(model)
+    model.eval()
+    ids_col, messages_col = selected.column("id"), selected.column("messages")
+    for start in range(0, selected.num_rows, batch_size):
+        rows: list[dict[str, str]] = []
+        prompts: list[list[int]] = []
+        for rid, messages in zip(
+            ids_col.slice(start, batch_size).to_pylist(),
+            messages_col.slice(start, batch_size).to_pylist(),
+            strict=True,
+        ):
+            found = prompt_and_reference(messages)
+            if found is None:  # `roles` said there was a reply; the messages disagree
+                continue
+            prompt_messages, reference = found
+            text = render(tokenizer, prompt_messages, add_generation_prompt=True)
+            prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"][-keep:])
+            users = [m["content"] for m in prompt_messages if m["role"] == "user"]
+            prompt = users[-1] if users else prompt_messages[-1]["content"]
+            rows.append({"id": rid, "prompt": prompt, "reference": reference, "generated": ""})
+        if not rows:
+            continue
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            # Left padding: every prompt ends where generation starts.
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids) :] = 1
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                eos_token_id=stop or None,
+                pad_token_id=pad_id,
+            )
+        for done, generated in zip(rows, out[:, width:], strict=True):
+            done["generated"] = tokenizer.decode(generated, skip_special_tokens=True).strip()
+        yield rows
+
+
+def score_replies(
+    model: Any,
+    tokenizer: Any,
+    holdout_file: Path,
+    n: int,
+    batch_size: int,
+    max_new_tokens: int,
+    max_seq_len: int,
+    blocklist: Sequence[str],
+    generations_file: Path | None = None,
+    *,
+    log_prefix: str = "scoring",
+) -> dict[str, float | int]:
+    """Generate replies to up to `n` holdout prompts (`generate_replies`) and score them against
+    the references with retune's reply metrics, batch by batch.
+
+    Returns rouge_l, chrf, distinct_1, distinct_2, mean_reply_words, empty_reply_share,
+    unsafe_share (replies matching `blocklist`) and n_generated; only n_generated (0) when the
+    holdout has no conversation to reply to. Writes every row to `generations_file` (CSV,
+    `GENERATION_COLUMNS`) as it is generated when given. Generations are never all held in
+    memory: each batch goes to the CSV and to the metrics' on-disk caches, then is dropped.
+    """
+    n_generated = 0
+    with contextlib.ExitStack() as stack:
+        cache = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="retune-metrics-")))
+        metrics = {name: load_metric(name, cache) for name in REPLY_METRICS}
+        writer = None
+        if generations_file is not None:
+            generations_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = stack.enter_context(generations_file.open("w", newline="", encoding="utf-8"))
+            writer = csv.DictWriter(fh, fieldnames=GENERATION_COLUMNS)
+            writer.writeheader()
+        for rows in generate_replies(
+            model, tokenizer, holdout_file, n, batch_size, max_new_tokens, max_seq_len
+        ):
+            generated = [r["generated"] for r in rows]
+            references = [r["reference"] for r in rows]
+            for name, metric in metrics.items():
+                if name in ("rouge_l", "chrf"):
+                    metric.add_batch(predictions=generated, references=references)
+                else:
+                    metric.add_batch(predictions=generated)
+            if writer is not None:
+                writer.writerows(rows)
+            n_generated += len(rows)
+            print(f"{log_prefix}: generated {n_generated} replies (at most {n})", flush=True)
+        if n_generated == 0:
+            return {"n_generated": 0}
+        out: dict[str, float | int] = {"n_generated": n_generated}
+        for name, metric in metrics.items():
+            kwargs: dict[str, Any] = (
+                {"blocklist": list(blocklist)} if name == "unsafe_share" else {}
+            )
+            result = metric.compute(**kwargs)
+            out.update({k: v for k, v in result.items() if k in _REPLY_FIGURES})
+    return out

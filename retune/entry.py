@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from retune.config import DEFAULT_PARAMS, ConfigError, Params, load_params
 from retune.env import configure_environment
@@ -14,6 +14,7 @@ from retune.errors import RetuneError
 if TYPE_CHECKING:
     from prefect import Task
 
+P = ParamSpec("P")
 R = TypeVar("R")
 
 
@@ -28,8 +29,9 @@ def stage_main(run: Callable[[Params], object], params_path: Path = DEFAULT_PARA
         raise SystemExit(1) from None
 
 
-def stage_task(run: Callable[[Params], R], name: str) -> Task[[Params], R]:
-    """Wrap a stage's `run` as the Prefect task the flows call: same function as DVC's cmd.
+def stage_task(run: Callable[P, R], name: str) -> Task[P, R]:
+    """Wrap a stage's `run` (or a piece of a stage, such as one CV fold) as the Prefect task
+    the flows call: the same function DVC's cmd runs.
 
     No result caching: each stage already writes its outputs to files named in params.yaml,
     and a cache keyed on the params alone would skip work after the data changed.

@@ -18,8 +18,9 @@ from retune.config import Params
 from retune.errors import BaseModelError
 from retune.modeling import load_pretrained
 from retune.records import iter_messages, read_records
+from retune.training import FINGERPRINT_FILE, TrainResult, pack, train
 from tasks import split
-from tasks.train import FINGERPRINT_FILE, TrainResult, pack, run, train
+from tasks.train import run
 
 
 @pytest.fixture

@@ -1,0 +1,520 @@
+"""Training core shared by the `train` and `cv` stages: pack records into blocks, fine-tune
+with the Trainer, resume from checkpoints of the same inputs, save the model atomically.
+
+Called by `tasks.train.run` and `tasks.cv`; nothing here touches MLflow or writes reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retune.chat import render
+from retune.config import TrainParams
+from retune.errors import BaseModelError, RetuneError
+from retune.modeling import load_pretrained, scratch_model, train_chat_tokenizer
+from retune.records import iter_messages, read_records
+from retune.reports import write_json
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+FINGERPRINT_FILE = "fingerprint.json"
+TOKENIZER_DIR = "tokenizer"
+_DATA_CACHE = "data-cache"
+# Records tokenised per packing batch: each batch drops its last partial block, so a larger
+# batch wastes less (under max_seq_len tokens per batch) at the cost of a little memory.
+_PACK_RECORDS = 2_000
+
+# (step, train loss of the logging window ending there, eval loss at that step)
+History = tuple[tuple[int, float | None, float | None], ...]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_dir: Path
+    # Mean loss over the last logging window: the run-long average HF reports is inflated by
+    # the first steps and is not comparable with `eval_loss`.
+    train_loss: float
+    eval_loss: float | None  # on the holdout blocks at the last step; None without any
+    steps: int
+    tokens_seen: int  # over the whole schedule, steps before a resume included
+    tokens_per_s: float  # training throughput of this call (0.0 if nothing was left to train)
+    n_params: int
+    runtime_s: float  # wall time of this call: data, tokenizer, training and saving
+    resumed_from: Path | None
+    history: History
+
+
+def train(
+    cfg: TrainParams,
+    seed: int,
+    train_file: Path,
+    holdout_file: Path,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+    num_threads: int | None = None,
+) -> TrainResult:
+    """Train `cfg.base_model` on the records in `train_file`; evaluate on the first
+    `cfg.eval_max_examples` records of `holdout_file`.
+
+    Writes checkpoints, `fingerprint.json` and the scratch tokenizer under `checkpoint_dir`
+    (resuming from the last checkpoint when they belong to the same inputs and `cfg.resume`),
+    and the final model + tokenizer (with its chat template) to `model_dir`. `num_threads`
+    caps torch's CPU threads (default: every core this process may use).
+    """
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    started = time.perf_counter()
+    torch.set_num_threads(num_threads or available_cores())
+    for path in (train_file, holdout_file):
+        if not path.exists():
+            raise RetuneError(f"{path}: missing; run the split stage first (`retune split`)")
+    # A user's base loads first: a bad train.base_model fails before any checkpoint is cleared.
+    base = None if cfg.base_model == "scratch" else _pretrained_base(cfg)
+    resume_from = prepare_checkpoints(
+        checkpoint_dir, training_fingerprint(cfg, seed, train_file), cfg.resume
+    )
+    tokens_per_step = (
+        cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_len
+    )
+    if resume_from is not None and checkpoint_step(resume_from) >= cfg.max_steps:
+        # Trainer would take one step past max_steps here; the checkpoint is the model.
+        return _finished(resume_from, model_dir, tokens_per_step, started)
+    interactive = sys.stdout.isatty()
+    if not interactive:
+        import datasets
+
+        datasets.disable_progress_bars()
+
+    set_seed(seed)  # the scratch model's initial weights come from this seed
+    model, tokenizer = base or _scratch_base(cfg, train_file, checkpoint_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    cache = checkpoint_dir / _DATA_CACHE
+    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        train_blocks = pack(train_file, tokenizer, cfg.max_seq_len, cache)
+        if len(train_blocks) == 0:
+            raise RetuneError(
+                f"{train_file}: too little text for one block of train.max_seq_len="
+                f"{cfg.max_seq_len} tokens; add data or lower train.max_seq_len"
+            )
+        eval_blocks = pack(
+            holdout_file, tokenizer, cfg.max_seq_len, cache, limit=cfg.eval_max_examples
+        )
+        if len(eval_blocks) == 0:
+            print(
+                f"train: the first {cfg.eval_max_examples} holdout records make no full block "
+                f"of {cfg.max_seq_len} tokens; no eval_loss (raise train.eval_max_examples)",
+                flush=True,
+            )
+        print(
+            f"train: {type(model).__name__} with {n_params:,} parameters, "
+            f"{len(train_blocks)} train / {len(eval_blocks)} eval blocks of {cfg.max_seq_len} "
+            f"tokens, {cfg.max_steps} steps x {tokens_per_step} tokens, "
+            f"{torch.get_num_threads()} threads",
+            flush=True,
+        )
+        gpu = torch.cuda.is_available()
+        args = TrainingArguments(
+            output_dir=str(checkpoint_dir),
+            max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay,
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            per_device_eval_batch_size=cfg.per_device_train_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            logging_strategy="steps",
+            logging_steps=cfg.logging_steps,
+            eval_strategy="steps" if len(eval_blocks) else "no",
+            eval_steps=cfg.eval_steps,
+            save_strategy="steps",
+            save_steps=cfg.save_steps,
+            save_total_limit=2,
+            seed=seed,
+            report_to="none",
+            use_cpu=not gpu,
+            # Blocks are tokenised already: loader processes would only take cores from the model.
+            dataloader_num_workers=0,
+            dataloader_pin_memory=gpu,
+            disable_tqdm=not interactive,
+        )
+        progress = _progress_callback(tokens_per_step, print_lines=not interactive)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            data_collator=_collate,
+            train_dataset=train_blocks,
+            eval_dataset=eval_blocks if len(eval_blocks) else None,
+            processing_class=tokenizer,
+            callbacks=[progress, *callbacks],
+        )
+        if not interactive:
+            trainer.remove_callback(PrinterCallback)  # raw log dicts; `progress` prints lines
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        steps = trainer.state.global_step
+        history = loss_history(trainer.state.log_history)
+        save_model(trainer.model, tokenizer, model_dir)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+    trained_steps = steps - progress.start_step  # type: ignore[attr-defined]
+    train_s = float(output.metrics.get("train_runtime", 0.0))
+    return _result(
+        model_dir,
+        history,
+        steps=steps,
+        tokens_per_step=tokens_per_step,
+        tokens_per_s=trained_steps * tokens_per_step / train_s if train_s else 0.0,
+        n_params=n_params,
+        started=started,
+        resumed_from=resume_from,
+        mean_loss=float(output.training_loss),
+    )
+
+
+def _finished(
+    checkpoint: Path, model_dir: Path, tokens_per_step: int, started: float
+) -> TrainResult:
+    """Save a checkpoint that already holds every step as the model, with its loss history."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"train: {checkpoint} already holds every step; nothing left to train", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # the Trainer saved it alongside
+    state = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    save_model(model, tokenizer, model_dir)
+    return _result(
+        model_dir,
+        loss_history(state["log_history"]),
+        steps=int(state["global_step"]),
+        tokens_per_step=tokens_per_step,
+        tokens_per_s=0.0,
+        n_params=sum(p.numel() for p in model.parameters()),
+        started=started,
+        resumed_from=checkpoint,
+        mean_loss=float("nan"),
+    )
+
+
+def _result(
+    model_dir: Path,
+    history: History,
+    *,
+    steps: int,
+    tokens_per_step: int,
+    tokens_per_s: float,
+    n_params: int,
+    started: float,
+    resumed_from: Path | None,
+    mean_loss: float,
+) -> TrainResult:
+    losses = [loss for _, loss, _ in history if loss is not None]
+    evals = [ev for _, _, ev in history if ev is not None]
+    result = TrainResult(
+        model_dir=model_dir,
+        train_loss=losses[-1] if losses else mean_loss,
+        eval_loss=evals[-1] if evals else None,
+        steps=steps,
+        tokens_seen=steps * tokens_per_step,
+        tokens_per_s=round(tokens_per_s, 1),
+        n_params=n_params,
+        runtime_s=round(time.perf_counter() - started, 2),
+        resumed_from=resumed_from,
+        history=history,
+    )
+    eval_text = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
+    print(
+        f"train: done, {steps} steps, train_loss {result.train_loss:.4f}, eval_loss {eval_text}, "
+        f"{result.tokens_per_s:,.0f} tok/s, {result.runtime_s:.1f}s; model in {model_dir}",
+        flush=True,
+    )
+    return result
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a Trainer checkpoint folder (`checkpoint-<step>`) was saved at."""
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    # torch sizes its thread pool from the machine's cores; in a container pinned to fewer
+    # (cpuset), the extra threads fight over the allowed cores and a CPU run slows down badly.
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def training_fingerprint(cfg: TrainParams, seed: int, train_file: Path) -> str:
+    """Hash of what decides the trained weights: train settings, seed, the train data, the
+    code that renders and trains (so a fix to it retrains rather than reusing a checkpoint),
+    the library versions, and the files of a local base model.
+
+    `resume` is left out: it says whether to continue, not what is trained.
+    """
+    import torch
+    import transformers
+
+    from retune import chat, modeling, records
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+    # By file name: the hash follows the code, wherever the module is imported from.
+    code = {
+        Path(str(m.__file__)).name: file_sha256(Path(str(m.__file__)))
+        for m in (chat, modeling, records, sys.modules[__name__])
+    }
+    payload = json.dumps(
+        {
+            "train": settings,
+            "seed": seed,
+            "train_file_sha256": file_sha256(train_file),
+            "code": code,
+            "versions": [torch.__version__, transformers.__version__],
+            "base_files": _base_files(cfg.base_model),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _base_files(base_model: str) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) of a local base model's files: a replaced base is a new input.
+    Cheap on purpose; hashing the weights of a large base would cost more than it saves."""
+    folder = Path(base_model).expanduser()
+    if base_model == "scratch" or not folder.is_dir():
+        return []
+    return sorted(
+        (str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in folder.rglob("*")
+        if f.is_file()
+    )
+
+
+def prepare_checkpoints(checkpoint_dir: Path, fingerprint: str, resume: bool) -> Path | None:
+    """Return the checkpoint to resume from: the last complete one, if `resume` and it was
+    trained on the same inputs (`fingerprint`). Otherwise clear retune's files from
+    `checkpoint_dir` (checkpoints, tokenizer, fingerprint) and record `fingerprint`."""
+    marker = checkpoint_dir / FINGERPRINT_FILE
+    stored = json.loads(marker.read_text("utf-8")).get("fingerprint") if marker.exists() else None
+    if resume and stored == fingerprint:
+        last = last_complete_checkpoint(checkpoint_dir)
+        if last:
+            print(f"train: resuming from {last} (same settings and data)", flush=True)
+        return last
+    if stored is not None:
+        why = "train.resume is false" if stored == fingerprint else "settings or data changed"
+        print(f"train: starting afresh ({why}); clearing {checkpoint_dir}", flush=True)
+    _clear_checkpoints(checkpoint_dir)
+    write_json(marker, {"fingerprint": fingerprint})
+    return None
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The highest-step `checkpoint-<step>` folder the Trainer finished writing; folders a
+    killed process left half-written are removed (the Trainer writes trainer_state.json last)."""
+    found = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    complete = []
+    for folder in found:
+        if (folder / "trainer_state.json").exists():
+            complete.append(folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return max(complete, key=checkpoint_step, default=None)
+
+
+def _clear_checkpoints(checkpoint_dir: Path) -> None:
+    # Only what retune writes there: the folder itself may be shared with other files.
+    if not checkpoint_dir.is_dir():
+        return
+    for child in checkpoint_dir.iterdir():
+        ours = child.name in (FINGERPRINT_FILE, TOKENIZER_DIR, _DATA_CACHE) or (
+            child.is_dir() and child.name.startswith(("checkpoint-", "tmp-checkpoint-"))
+        )
+        if ours:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _pretrained_base(cfg: TrainParams) -> tuple[Any, Any]:
+    """(model, tokenizer) from `cfg.base_model`, checked against `cfg.max_seq_len`."""
+    model, tokenizer = load_pretrained(cfg.base_model)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_seq_len > positions:
+        raise BaseModelError(
+            f"train.max_seq_len={cfg.max_seq_len} is longer than the {positions} positions "
+            f"train.base_model={cfg.base_model!r} supports; lower train.max_seq_len"
+        )
+    return model, tokenizer
+
+
+def _scratch_base(cfg: TrainParams, train_file: Path, checkpoint_dir: Path) -> tuple[Any, Any]:
+    """A fresh GPT-2 and a tokenizer trained on `train_file` (or the one its checkpoints use)."""
+    from transformers import AutoTokenizer
+
+    saved = checkpoint_dir / TOKENIZER_DIR
+    if saved.is_dir():
+        # Same fingerprint (else it was cleared): the checkpoints' ids mean these tokens.
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+    else:
+        print(
+            f"train: training a {cfg.scratch.vocab_size}-token BPE tokenizer on {train_file}",
+            flush=True,
+        )
+        conversations = iter_messages(read_records(train_file, columns=["messages"]))
+        tokenizer = train_chat_tokenizer(conversations, cfg.scratch.vocab_size)
+        _save_atomically(saved, tokenizer.save_pretrained)
+    return scratch_model(cfg.scratch, tokenizer, cfg.max_seq_len), tokenizer
+
+
+def pack(
+    records_file: Path,
+    tokenizer: Any,
+    block_size: int,
+    cache_dir: Path,
+    limit: int | None = None,
+) -> Dataset:
+    """Blocks of exactly `block_size` token ids from the records in `records_file` (the first
+    `limit` of them): each record rendered with the chat template and closed with eos, then
+    concatenated and cut, so no compute goes to padding. Arrow-backed, on disk in `cache_dir`."""
+    from datasets import Dataset
+
+    data = Dataset.from_parquet(str(records_file), columns=["messages"], cache_dir=str(cache_dir))
+    if limit is not None:
+        data = data.select(range(min(limit, len(data))))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        texts = [render(tokenizer, messages) for messages in batch["messages"]]
+        # The template writes any special tokens the model expects; add none of our own.
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [row + eos for row in ids]}
+
+    def chunk(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+        flat = list(itertools.chain.from_iterable(batch["input_ids"]))
+        usable = len(flat) // block_size * block_size
+        return {"input_ids": [flat[i : i + block_size] for i in range(0, usable, block_size)]}
+
+    tokens = data.map(
+        encode,
+        batched=True,
+        batch_size=_PACK_RECORDS,
+        remove_columns=data.column_names,
+        # The cache is private to this call: skip hashing the tokenizer for a cache key.
+        load_from_cache_file=False,
+        new_fingerprint=f"encode-{block_size}",
+    )
+    return tokens.map(
+        chunk,
+        batched=True,
+        batch_size=_PACK_RECORDS,
+        load_from_cache_file=False,
+        new_fingerprint=f"chunk-{block_size}",
+    )
+
+
+def _collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    import torch
+
+    ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+    # The model shifts labels itself; packed blocks have no padding to mask out.
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _progress_callback(tokens_per_step: int, print_lines: bool) -> TrainerCallback:
+    """Logs the last step too, and (for logs, CI) prints one plain line per logging step."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        start_step = 0
+        started = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start_step, self.started = state.global_step, time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # else the final window's loss is never logged
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+        ) -> None:
+            logs, done = logs or {}, state.global_step - self.start_step
+            if not print_lines or done <= 0:
+                return
+            where = f"train: step {state.global_step}/{state.max_steps}"
+            if "loss" in logs:
+                per_step = (time.perf_counter() - self.started) / done
+                eta = (state.max_steps - state.global_step) * per_step
+                print(
+                    f"{where} loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0.0):.2e} "
+                    f"{tokens_per_step / per_step:,.0f} tok/s {per_step:.2f}s/step "
+                    f"ETA {int(eta // 60)}m{int(eta % 60):02d}s",
+                    flush=True,
+                )
+            if "eval_loss" in logs:
+                print(f"{where} eval_loss {logs['eval_loss']:.4f}", flush=True)
+
+    return Progress()
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> History:
+    """Trainer log entries merged by step into (step, loss, eval_loss) rows."""
+    rows: dict[int, list[float | None]] = {}
+    for entry in log_history:
+        if "step" not in entry:
+            continue
+        row = rows.setdefault(int(entry["step"]), [None, None])
+        if "loss" in entry:
+            row[0] = float(entry["loss"])
+        if "eval_loss" in entry:
+            row[1] = float(entry["eval_loss"])
+    return tuple(
+        (step, loss, ev) for step, (loss, ev) in sorted(rows.items()) if (loss, ev) != (None, None)
+    )
+
+
+def _save_atomically(target: Path, save: Any) -> None:
+    """Call `save(folder)` on a fresh folder beside `target`, then swap it in: a crash never
+    leaves a half-written model or tokenizer where later stages would load it."""
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    save(tmp)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model: Any, tokenizer: Any, model_dir: Path) -> None:
+    """Model and tokenizer (its chat template included) in `save_pretrained` format."""
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    _save_atomically(model_dir, save)

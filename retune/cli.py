@@ -41,7 +41,11 @@ STAGE_HELP = {
     "train": "Fine-tune the model on the train split; start the MLflow run.",
     "evaluate": "Score the model on the holdout against a unigram baseline.",
     "register": "Log the model to MLflow and register a new version.",
+    "promote": "Gate the version register just added against production; move the alias.",
 }
+# The stage `promote` is entered as `retune gate`: `retune promote <version>` is a person's
+# promotion of any version, and one name cannot be both.
+STAGE_COMMANDS = {"promote": "gate"}
 
 
 def _params(path: Path, overrides: list[str] | None) -> Params:
@@ -74,7 +78,7 @@ def _stage_command(name: str) -> None:
         _guarded(module.run, resolved)
 
     command.__doc__ = STAGE_HELP[name]
-    app.command(name=name)(command)
+    app.command(name=STAGE_COMMANDS.get(name, name))(command)
 
 
 for _name in STAGE_HELP:
@@ -86,6 +90,125 @@ def show_params(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS)
     """Print the resolved params (params.yaml + overrides + defaults) as YAML."""
     resolved = _guarded(_params, params, overrides)
     typer.echo(yaml.safe_dump(to_plain(resolved), sort_keys=False))
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain, aligned text table (pipes well into grep, diff and CI logs)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@app.command()
+def models(
+    history: Annotated[
+        bool, typer.Option("--history", help="Show the promotion history instead.")
+    ] = False,
+    overrides: Overrides = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """List the registered versions (aliases, data version, perplexity, gate decision)."""
+    from retune.registry import Registry
+
+    resolved = _guarded(_params, params, overrides)
+    registry = Registry.open(resolved.tracking, resolved.register.model_name)
+    if history:
+        events = registry.history()
+        if not events:
+            typer.echo(f"{registry.model_name}: no promotions recorded yet")
+            return
+        rows = [
+            [
+                e.when.strftime("%Y-%m-%d %H:%M:%S"),
+                f"v{e.to_version}",
+                f"{_cell(e.from_version and f'v{e.from_version}')} -> v{e.to_version}",
+                e.alias,
+                e.kind,
+                "yes" if e.forced else "no",
+                e.actor,
+                e.why,
+            ]
+            for e in events
+        ]
+        header = ["when (UTC)", "version", "from -> to", "alias", "kind", "forced", "actor", "why"]
+        typer.echo(_table(header, rows))
+        return
+    versions = registry.versions()
+    if not versions:
+        typer.echo(
+            f"{registry.model_name}: no versions registered in {resolved.tracking.uri} yet; "
+            "run the pipeline (`retune run`)"
+        )
+        return
+    rows = []
+    for v in versions:
+        ppl = v.metric("perplexity")
+        rows.append(
+            [
+                f"v{v.version}",
+                ",".join(v.aliases) or "-",
+                _cell(v.tags.get("data_version", "")[:12]),
+                "-" if ppl is None else f"{ppl:.3f}",
+                _cell(v.decision),
+                v.created.strftime("%Y-%m-%d %H:%M"),
+            ]
+        )
+    header = ["version", "aliases", "data_version", "perplexity", "decision", "created (UTC)"]
+    typer.echo(_table(header, rows))
+
+
+@app.command()
+def promote(
+    version: Annotated[int, typer.Argument(help="The registered version to promote.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote even if the gate refuses (needs --reason).")
+    ] = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why; recorded with the promotion.")
+    ] = None,
+    overrides: Overrides = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Make VERSION production if the gate finds it better than production.
+
+    Both are scored on today's holdout; a worse or not-better-beyond-the-noise VERSION is
+    refused with the reason (exit 1). --force --reason "..." overrides, recorded as forced.
+    """
+    from retune.registry import cli_actor
+
+    resolved = _guarded(_params, params, overrides)
+    if force and not (reason and reason.strip()):
+        typer.secho('error: --force needs --reason "..."', fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    from tasks.promote import promote_version
+
+    result = _guarded(promote_version, resolved, version, cli_actor(), force, reason)
+    if result.alias is None:
+        typer.secho(f"refused: {result.verdict}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    before = f"v{result.compared_version}" if result.compared_version else "none"
+    typer.echo(f"production: {before} -> v{result.version}. {result.verdict}")
+
+
+@app.command()
+def rollback(
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why; recorded with the rollback.")
+    ] = None,
+    overrides: Overrides = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Move production back to the version that was production before the current one."""
+    from retune.registry import Registry, cli_actor
+
+    resolved = _guarded(_params, params, overrides)
+    registry = Registry.open(resolved.tracking, resolved.register.model_name)
+    event = _guarded(registry.rollback, cli_actor(), reason)
+    typer.echo(f"{registry.model_name}@production: v{event.from_version} -> v{event.to_version}")
 
 
 def main() -> None:

@@ -1,0 +1,334 @@
+"""Stage `promote`: the gate between the newly registered version and `production`.
+
+Runs as `python -m tasks.promote` (the dvc.yaml stage), as `promote_task` in Prefect flows and
+as `retune gate`; `retune promote <version>` calls `promote_version` for a person's decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retune.config import Params, PromoteParams
+from retune.entry import stage_main, stage_task
+from retune.errors import RetuneError
+from retune.gate import Comparison, Decision, GateError, compare, decide
+from retune.registry import GATE_ACTOR, Registry, RegistryError
+from retune.reports import read_json, write_json
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How both models are scored; the same for candidate and champion, or they differ."""
+
+    max_examples: int
+    batch_size: int
+    max_seq_len: int
+
+    @classmethod
+    def of(cls, params: Params) -> ScoringSettings:
+        return cls(
+            max_examples=params.evaluate.max_examples,
+            batch_size=params.evaluate.batch_size,
+            max_seq_len=params.train.max_seq_len,
+        )
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    model_name: str
+    version: int
+    outcome: str  # promote | propose | reject
+    reason: str
+    forced: bool
+    alias: str | None  # the alias moved to `version`, None when rejected
+    compared_version: int | None  # production when the gate ran
+    production: int | None  # production after the decision
+    candidate_metrics: dict[str, float]
+    champion_metrics: dict[str, float] | None
+    comparison: dict[str, Any] | None
+    decided_by: str
+
+    @property
+    def verdict(self) -> str:
+        """One line for logs and the terminal."""
+        name = f"{self.model_name} v{self.version}"
+        if self.alias is None:
+            return f"{name} REJECTED (stays registered, not production): {self.reason}"
+        return f"{name} -> @{self.alias}: {self.reason}"  # a forced reason starts "forced:"
+
+    def report(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_registered(model_name: str, version: int) -> tuple[Any, Any]:
+    """(model, tokenizer) of a registered version, loaded from the registry (not a local
+    folder), as any client of the registry would get it."""
+    import mlflow
+
+    print(f"promote: loading {model_name} v{version} from the registry", flush=True)
+    components = mlflow.transformers.load_model(
+        f"models:/{model_name}/{version}", return_type="components"
+    )
+    return components["model"], components["tokenizer"]
+
+
+def score_registered(
+    model_name: str, version: int, holdout_file: Path, scoring: ScoringSettings
+) -> pa.Table:
+    """Per-example scores of a registered version on `holdout_file` (today's holdout)."""
+    from retune.scoring import score_examples
+
+    model, tokenizer = load_registered(model_name, version)
+    return score_examples(
+        model,
+        tokenizer,
+        holdout_file,
+        max_examples=scoring.max_examples,
+        batch_size=scoring.batch_size,
+        max_seq_len=scoring.max_seq_len,
+        log_prefix=f"promote: v{version}",
+    )
+
+
+def _numbers(data: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in data.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def _same_examples(candidate: pa.Table, champion: pa.Table, source: str) -> None:
+    """Both models must be scored on the same examples, or the comparison is not paired."""
+    cand, champ = set(candidate.column("id").to_pylist()), set(champion.column("id").to_pylist())
+    if cand != champ:
+        raise GateError(
+            f"{source} scores {len(cand)} holdout examples, production was scored on "
+            f"{len(champ)} of today's holdout and they share {len(cand & champ)}: the "
+            "candidate's scores are not from today's holdout or settings; re-run `evaluate`"
+        )
+
+
+def gate(
+    registry: Registry,
+    cfg: PromoteParams,
+    version: int,
+    candidate_metrics: Mapping[str, float],
+    candidate_scores: pa.Table | None,
+    holdout_file: Path,
+    scoring: ScoringSettings,
+    seed: int,
+    decided_by: str,
+    forced: bool = False,
+    reason: str | None = None,
+    scores_source: str = "the candidate",
+) -> PromoteResult:
+    """Judge `version` against the current production on `holdout_file`; record and apply.
+
+    Scores production (loaded from the registry) on the holdout with `scoring`, bootstraps
+    the paired difference against `candidate_scores`, decides, tags the version with the
+    decision and moves the alias the decision names (recorded in the promotion history).
+    `candidate_scores` None (forced only) skips the comparison.
+    """
+    from retune.scoring import aggregate
+
+    production = registry.production()
+    if production == version:
+        raise RegistryError(f"{registry.model_name} v{version} is already production")
+    champion_metrics: dict[str, float] | None = None
+    comparison: Comparison | None = None
+    if production is not None and candidate_scores is not None:
+        champion_scores = score_registered(registry.model_name, production, holdout_file, scoring)
+        _same_examples(candidate_scores, champion_scores, scores_source)
+        champion_metrics = _numbers(aggregate(champion_scores))
+        comparison = compare(
+            candidate_scores, champion_scores, cfg.confidence, cfg.bootstrap_samples, seed
+        )
+    elif production is not None:
+        champion_metrics = {}  # production exists; it was not scored (forced, no holdout)
+
+    decision: Decision = decide(
+        candidate_metrics,
+        champion_metrics,
+        comparison,
+        cfg,
+        forced=forced,
+        reason=reason,
+        compared_version=production,
+    )
+    registry.record_decision(
+        version, decision, candidate_metrics, champion_metrics, production, decided_by
+    )
+    if decision.alias is not None:
+        registry.move_alias(
+            decision.alias,
+            version,
+            kind=decision.outcome,
+            why=decision.reason,
+            forced=decision.forced,
+            actor=decided_by,
+        )
+    return PromoteResult(
+        model_name=registry.model_name,
+        version=version,
+        outcome=decision.outcome,
+        reason=decision.reason,
+        forced=decision.forced,
+        alias=decision.alias,
+        compared_version=production,
+        production=registry.production(),
+        candidate_metrics=dict(candidate_metrics),
+        champion_metrics=champion_metrics,
+        comparison=comparison.to_dict() if comparison is not None else None,
+        decided_by=decided_by,
+    )
+
+
+def _report(path: Path, stage: str) -> dict[str, Any]:
+    if not path.exists():
+        raise RetuneError(f"{path}: missing; run `{stage}` first")
+    return read_json(path)
+
+
+def _log_to_pipeline_run(params: Params, result: PromoteResult) -> None:
+    """Add the decision to the pipeline's MLflow run (the one `train` started), if known."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    train_report = params.paths.reports / "train.json"
+    run_id = read_json(train_report).get("run_id") if train_report.exists() else None
+    if not run_id:
+        return
+    client = MlflowClient()
+    tags = {
+        "gate.decision": result.outcome,
+        "gate.reason": result.reason[:4_000],
+        "gate.version": str(result.version),
+        "gate.compared_version": str(result.compared_version or "none"),
+        "gate.production": str(result.production or "none"),
+    }
+    metrics = {
+        f"gate.{k}": float(v)
+        for k, v in (result.comparison or {}).items()
+        if k in ("improvement", "ci_low", "ci_high", "relative_improvement", "champion_perplexity")
+    }
+    try:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        for key, number in metrics.items():
+            client.log_metric(run_id, key, number)
+    except MlflowException as exc:
+        print(f"promote: could not add the decision to MLflow run {run_id}: {exc}", flush=True)
+
+
+def run(params: Params) -> PromoteResult:
+    """Edge: judge the version `register` just added (reports/register.json) with its
+    evaluation (reports/evaluate.json, reports/holdout_scores.parquet) against production;
+    write reports/promote.json. A rejection is a result, not an error."""
+    import pyarrow.parquet as pq
+
+    reports = params.paths.reports
+    registered = _report(reports / "register.json", "register")
+    evaluation = _report(reports / "evaluate.json", "evaluate")
+    scores_file = reports / "holdout_scores.parquet"
+    if not scores_file.exists():
+        raise RetuneError(f"{scores_file}: missing; run `evaluate` first")
+    train_run = (
+        read_json(reports / "train.json").get("run_id")
+        if (reports / "train.json").exists()
+        else None
+    )
+    if train_run and registered.get("run_id") != train_run:
+        raise RetuneError(
+            f"{reports / 'register.json'} is from MLflow run {registered.get('run_id')}, but "
+            f"reports/train.json from {train_run}: re-run `register` for the current model"
+        )
+    registry = Registry.open(params.tracking, str(registered["model_name"]))
+    result = gate(
+        registry,
+        params.promote,
+        int(registered["version"]),
+        _numbers(evaluation),
+        pq.read_table(scores_file),
+        params.paths.split / "holdout.parquet",
+        ScoringSettings.of(params),
+        params.seed,
+        decided_by=GATE_ACTOR,
+        scores_source=str(scores_file),
+    )
+    write_json(reports / "promote.json", result.report())
+    _log_to_pipeline_run(params, result)
+    print(f"promote: {result.verdict}", flush=True)
+    return result
+
+
+def _version_metrics(tags: Mapping[str, str]) -> dict[str, float]:
+    """The metrics register tagged the version with (from its own evaluation)."""
+    out: dict[str, float] = {}
+    for key, value in tags.items():
+        if "." in key or key in ("run_id", "git_commit", "data_version"):
+            continue  # params.*, gate.* and provenance
+        try:
+            out[key] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def promote_version(
+    params: Params, version: int, actor: str, force: bool = False, reason: str | None = None
+) -> PromoteResult:
+    """A person's promotion of `version` (`retune promote`): the gate, with both models scored
+    on today's holdout, and production moved only if it passes; `force` (with `reason`)
+    overrides and is recorded as forced. `promote.mode` does not apply: a person asked for
+    production.
+
+    Perplexity and accuracy are measured afresh; metrics of generated replies (unsafe_share,
+    ...) are the version's own, from the evaluation it was registered with.
+    """
+    from retune.scoring import aggregate
+
+    if force and not (reason and reason.strip()):
+        raise GateError('--force needs --reason "..." (it is recorded with the promotion)')
+    registry = Registry.open(params.tracking, params.register.model_name)
+    info = registry.version(version)
+    holdout_file = params.paths.split / "holdout.parquet"
+    scoring = ScoringSettings.of(params)
+    candidate_scores = None
+    metrics = _version_metrics(info.tags)
+    if registry.production() == version:
+        raise RegistryError(f"{registry.model_name} v{version} is already production")
+    if holdout_file.exists():
+        candidate_scores = score_registered(registry.model_name, version, holdout_file, scoring)
+        metrics.update(_numbers(aggregate(candidate_scores)))
+    elif not force:
+        raise RetuneError(
+            f"{holdout_file}: missing, so there is no holdout of today to judge v{version} on; "
+            "run the pipeline first (`retune run`), or override with --force --reason"
+        )
+    return gate(
+        registry,
+        dataclasses.replace(params.promote, mode="auto"),
+        version,
+        metrics,
+        candidate_scores,
+        holdout_file,
+        scoring,
+        params.seed,
+        decided_by=actor,
+        forced=force,
+        reason=reason,
+    )
+
+
+promote_task = stage_task(run, name="promote")
+
+if __name__ == "__main__":
+    stage_main(run)

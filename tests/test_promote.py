@@ -1,0 +1,357 @@
+"""Stage `promote` against a real MLflow store: production moves only for a better model, every
+decision is tagged on its version, and promote / force / rollback keep a history that survives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from retune.config import Params
+from retune.records import Record, write_records
+from retune.registry import Registry, RegistryError
+from retune.reports import read_json, write_json
+from retune.tracking import setup_tracking
+from tests.conftest import make_conversations, tiny_params_for
+
+ACTOR = "cli:tester"
+
+
+def gate_params(tmp_path: Path) -> Params:
+    """Tiny params whose absolute gates a minutes-trained tiny model can pass, and today's
+    holdout (40 conversations) written where the split stage puts it."""
+    params = tiny_params_for(
+        tmp_path,
+        evaluate={"max_examples": 40},
+        promote={
+            "max_perplexity": 1000.0,
+            "max_perplexity_vs_baseline": None,
+            "bootstrap_samples": 500,
+        },
+    )
+    rows = (
+        Record(messages=tuple(c), source="holdout.jsonl", line=i + 1, format="chat_jsonl").to_row()
+        for i, c in enumerate(make_conversations(40, seed=7))
+    )
+    write_records(rows, params.paths.split / "holdout.parquet")
+    return params
+
+
+@pytest.fixture
+def params(tmp_path: Path) -> Params:
+    return gate_params(tmp_path)
+
+
+def trained_copy(src: Path, out: Path, steps: int, noise: float = 0.0) -> Path:
+    """`src` trained `steps` steps on the test corpus, then `noise` (std) added to every
+    weight, saved to `out`: cheap candidates of known quality."""
+    import torch
+
+    from retune.modeling import load_pretrained
+    from retune.scoring import encode
+
+    torch.manual_seed(0)
+    model, tokenizer = load_pretrained(src)
+    conversations = [
+        [{"role": r, "content": c} for r, c in conv] for conv in make_conversations(80)
+    ]
+    seqs = encode(tokenizer, conversations, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        batch = [seqs[(step * 8 + i) % len(seqs)] for i in range(8)]
+        width = max(len(s) for s in batch)
+        ids = torch.full((8, width), tokenizer.pad_token_id)
+        labels = torch.full((8, width), -100)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = labels[row, : len(seq)] = torch.tensor(seq)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def register_candidate(params: Params, model_dir: Path, **metrics: float) -> int:
+    """What train -> evaluate -> register leave for the gate: a pipeline run, the candidate's
+    per-example holdout scores (through retune.scoring, as `evaluate` writes them), its
+    metrics, and a registered version (the real register stage). Returns the version."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from retune.modeling import load_pretrained
+    from retune.scoring import aggregate, score_examples
+    from tasks.register import run as register
+
+    reports = params.paths.reports
+    shutil.rmtree(params.paths.model, ignore_errors=True)
+    shutil.copytree(model_dir, params.paths.model)
+    setup_tracking(params.tracking)
+    with mlflow.start_run() as active:
+        pass
+    write_json(reports / "train.json", {"run_id": active.info.run_id})
+    model, tokenizer = load_pretrained(params.paths.model)
+    scores = score_examples(
+        model,
+        tokenizer,
+        params.paths.split / "holdout.parquet",
+        params.evaluate.max_examples,
+        params.evaluate.batch_size,
+        params.train.max_seq_len,
+    )
+    reports.mkdir(parents=True, exist_ok=True)
+    pq.write_table(scores, reports / "holdout_scores.parquet")
+    write_json(reports / "evaluate.json", {**aggregate(scores), "unsafe_share": 0.0, **metrics})
+    write_json(params.paths.prepared / "manifest.json", {"data_version": "d" * 64})
+    return register(params).version
+
+
+@pytest.fixture(scope="module")
+def candidates(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Models of known order on the holdout (perplexity about 2.6, 58 and 240): `good` (30
+    steps) beats `fair` (8 steps), which beats `bad` (`fair` with noise on its weights)."""
+    out = tmp_path_factory.mktemp("candidates")
+    fair = trained_copy(tiny_model_dir, out / "fair", steps=8)
+    return {
+        "fair": fair,
+        "good": trained_copy(tiny_model_dir, out / "good", steps=30),
+        "bad": trained_copy(fair, out / "bad", steps=0, noise=0.1),
+    }
+
+
+@pytest.mark.slow
+def test_the_gate_promotes_only_a_better_model_and_records_every_decision(
+    params: Params, candidates: dict[str, Path]
+) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.promote import run as promote
+
+    registry = Registry.open(params.tracking, "retune-test")
+    report = params.paths.reports / "promote.json"
+
+    v1 = register_candidate(params, candidates["fair"])
+    first = promote(params)
+    assert (first.outcome, first.production, first.compared_version) == ("promote", v1, None)
+    assert first.reason.startswith("first model: no production version yet")
+    assert read_json(report)["outcome"] == "promote"
+
+    v2 = register_candidate(params, candidates["bad"])
+    worse = promote(params)
+    assert worse.outcome == "reject" and worse.alias is None
+    assert registry.production() == v1  # production did not move
+    assert worse.reason.startswith(f"worse than production v{v1}:")
+    tags = MlflowClient().get_model_version("retune-test", str(v2)).tags
+    assert tags["gate.decision"] == "reject"
+    assert tags["gate.reason"] == worse.reason
+    assert tags["gate.compared_version"] == str(v1)
+    assert tags["gate.decided_by"] == "gate" and tags["gate.forced"] == "false"
+    assert float(tags["gate.ci_high"]) < 0
+    # Production was scored afresh on today's holdout, from the registry, not taken from the
+    # numbers it was registered with: the same weights give the same figures.
+    champion = json.loads(tags["gate.champion_metrics"])
+    assert champion["perplexity"] == pytest.approx(first.candidate_metrics["perplexity"])
+    assert champion["n_examples"] == 40
+    assert json.loads(tags["gate.candidate_metrics"])["perplexity"] > champion["perplexity"]
+    pipeline_run = MlflowClient().get_run(read_json(params.paths.reports / "train.json")["run_id"])
+    assert pipeline_run.data.tags["gate.decision"] == "reject"
+    assert pipeline_run.data.metrics["gate.ci_high"] < 0
+
+    v3 = register_candidate(params, candidates["good"])
+    better = promote(params)
+    assert (better.outcome, better.production) == ("promote", v3)
+    assert better.comparison is not None and better.comparison["ci_low"] > 0
+    assert better.reason.startswith(f"better than production v{v1} beyond the noise")
+
+    v4 = register_candidate(params, candidates["good"])  # the same weights again
+    same = promote(params)
+    assert same.outcome == "reject" and registry.production() == v3
+    assert same.reason.startswith(f"not better than production v{v3} beyond the noise")
+    assert read_json(report)["reason"] == same.reason
+
+    history = registry.history()
+    assert [(e.from_version, e.to_version, e.kind) for e in history] == [
+        (v1, v3, "promote"),
+        (None, v1, "promote"),
+    ]
+    assert history[0].actor == "gate" and history[0].why == better.reason
+    assert {v.version: v.decision for v in registry.versions()} == {
+        v4: "reject",
+        v3: "promote",
+        v2: "reject",
+        v1: "promote",
+    }
+
+
+@pytest.mark.slow
+def test_propose_mode_sets_challenger_and_a_person_promotes_it(
+    params: Params, candidates: dict[str, Path]
+) -> None:
+    import dataclasses
+
+    from tasks.promote import promote_version
+    from tasks.promote import run as promote
+
+    proposing = dataclasses.replace(
+        params, promote=dataclasses.replace(params.promote, mode="propose")
+    )
+    registry = Registry.open(params.tracking, "retune-test")
+    v1 = register_candidate(params, candidates["good"])
+    proposed = promote(proposing)
+    assert (proposed.outcome, proposed.alias, proposed.production) == (
+        "propose",
+        "challenger",
+        None,
+    )
+    assert registry.aliases() == {"challenger": v1}
+
+    taken = promote_version(params, v1, ACTOR)
+    assert taken.outcome == "promote" and taken.decided_by == ACTOR
+    assert registry.aliases() == {"production": v1}  # the challenger alias went with it
+    assert [(e.alias, e.kind) for e in registry.history()] == [
+        ("production", "promote"),
+        ("challenger", "propose"),
+    ]
+
+
+@pytest.mark.slow
+def test_manual_promote_refuses_worse_force_overrides_and_rollback_walks_back(
+    params: Params, candidates: dict[str, Path]
+) -> None:
+    from mlflow import MlflowClient
+
+    from retune.gate import GateError
+    from tasks.promote import promote_version
+    from tasks.promote import run as promote
+
+    registry = Registry.open(params.tracking, "retune-test")
+    with pytest.raises(RegistryError, match="no production version to roll back"):
+        registry.rollback(ACTOR)
+    v1 = register_candidate(params, candidates["bad"], perplexity=10.0)  # passes as the first
+    promote(params)
+    v2 = register_candidate(params, candidates["good"])
+    promote(params)
+    assert registry.production() == v2
+
+    refused = promote_version(params, v1, ACTOR)
+    assert refused.outcome == "reject" and registry.production() == v2
+    assert refused.reason.startswith(f"worse than production v{v2}")
+    # Scored afresh on today's holdout, not the perplexity it was registered with.
+    assert refused.candidate_metrics["perplexity"] > 10.0
+    with pytest.raises(GateError, match="--reason"):
+        promote_version(params, v1, ACTOR, force=True)
+    with pytest.raises(RegistryError, match="already production"):
+        promote_version(params, v2, ACTOR)
+
+    forced = promote_version(params, v1, ACTOR, force=True, reason="legal asked for v1 back")
+    assert forced.outcome == "promote" and forced.forced and registry.production() == v1
+    tags = MlflowClient().get_model_version("retune-test", str(v1)).tags
+    assert tags["gate.forced"] == "true" and tags["gate.decided_by"] == ACTOR
+    assert tags["gate.reason"].startswith("forced: legal asked for v1 back (the gate alone")
+    assert float(tags["gate.ci_high"]) < 0  # the record keeps the evidence against it
+
+    back = registry.rollback(ACTOR)
+    assert (back.from_version, back.to_version, back.kind) == (v1, v2, "rollback")
+    assert registry.production() == v2
+    again = registry.rollback(ACTOR, "v2 misbehaves too")
+    assert (again.from_version, again.to_version) == (v2, v1)
+    with pytest.raises(RegistryError, match="no earlier production version"):
+        registry.rollback(ACTOR)
+
+    # The history survives the process: a fresh client on the same store reads it back.
+    history = Registry.open(params.tracking, "retune-test").history()
+    assert [(e.kind, e.from_version, e.to_version, e.forced) for e in history] == [
+        ("rollback", v2, v1, False),
+        ("rollback", v1, v2, False),
+        ("promote", v2, v1, True),
+        ("promote", v1, v2, False),
+        ("promote", None, v1, False),
+    ]
+    assert history[0].why == "v2 misbehaves too" and history[0].actor == ACTOR
+
+
+def test_without_a_registered_candidate_the_stage_says_what_to_run(params: Params) -> None:
+    from retune.errors import RetuneError
+    from tasks.promote import run as promote
+
+    with pytest.raises(RetuneError, match=r"register\.json: missing; run `register` first"):
+        promote(params)
+
+
+@pytest.mark.slow
+def test_a_failed_gate_never_serves_and_production_is_served_by_its_alias(
+    params: Params, candidates: dict[str, Path]
+) -> None:
+    """A first candidate that misses an absolute gate stays out of production; the next one
+    passes, and `mlflow models serve -m models:/<name>@production --env-manager local` (a
+    fresh process loading the alias through pyfunc) answers a generation request with it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from retune.tracking import resolved_uri
+    from tasks.promote import run as promote
+
+    unsafe = register_candidate(params, candidates["good"], unsafe_share=0.3)
+    rejected = promote(params)
+    assert (rejected.outcome, rejected.production) == ("reject", None)
+    assert rejected.reason == (
+        "failed the absolute gates: unsafe_share 0.3 > promote.max_unsafe_share=0.05"
+    )
+    served = register_candidate(params, candidates["good"])
+    assert promote(params).production == served != unsafe
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": resolved_uri(params.tracking.uri),
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [f"{venv_bin}/mlflow", "models", "serve", "-m", "models:/retune-test@production"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(
+        command,
+        env=env,
+        cwd=params.paths.reports.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: uvicorn's worker is stopped with it
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not come up"
+                time.sleep(0.5)
+        body = {"inputs": ["Hi, my camera arrived damaged."], "params": {"max_new_tokens": 12}}
+        request = urllib.request.Request(
+            f"{base}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert len(predictions) == 1 and predictions[0].strip()

@@ -1,8 +1,9 @@
-"""Flow `retrain`: ingest -> validate -> split -> train -> evaluate -> register.
+"""Flow `retrain`: ingest -> validate -> split -> train -> cv -> evaluate -> register -> promote.
 
 Entered by `retune run` / `make run` (and later by deployments). Each step is the stage's own
 `run(params)` wrapped as a Prefect task, so this flow and `dvc repro` execute the same code.
-A failed data contract raises in `validate`, and nothing after it runs.
+A failed data contract raises in `validate`, and nothing after it runs; a candidate the gate
+rejects stays registered (tagged with the reason) and production does not move.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Any
 
 from prefect import flow
 
-from retune.config import DEFAULT_PARAMS, load_params
+from retune.config import DEFAULT_PARAMS, Params, load_params
 from retune.env import configure_environment
 from retune.reports import write_json
+from tasks.cv import CvResult, cv_task, fold_task, summarize_task
 from tasks.evaluate import evaluate_task
 from tasks.ingest import ingest_task
+from tasks.promote import promote_task
 from tasks.register import register_task
 from tasks.split import split_task
 from tasks.train import train_task
@@ -28,9 +31,21 @@ STAGES = (
     ("validate", validate_task),
     ("split", split_task),
     ("train", train_task),
+    ("cv", cv_task),
     ("evaluate", evaluate_task),
     ("register", register_task),
+    ("promote", promote_task),
 )
+
+
+def cross_validate(params: Params) -> CvResult:
+    """The `cv` stage with its folds as independent tasks, so a task runner with spare cores
+    or machines (e.g. a process pool) can run them side by side; `tasks.cv.run` (DVC) runs
+    the same `fold` and `summarize` one after another."""
+    if params.evaluate.folds < 2:
+        return cv_task(params)
+    folds = [fold_task.submit(params, i) for i in range(params.evaluate.folds)]
+    return summarize_task(params, [f.result() for f in folds])
 
 
 @flow(name="retrain", log_prints=True)
@@ -46,18 +61,22 @@ def retrain(
     start = time.perf_counter()
     for name, stage in STAGES:
         t0 = time.perf_counter()
-        results[name] = stage(params)
+        results[name] = cross_validate(params) if name == "cv" else stage(params)
         timings[name] = round(time.perf_counter() - t0, 2)
         print(f"stage {name} done in {timings[name]:.1f}s")
     total = round(time.perf_counter() - start, 2)
-    registered = results["register"]
+    registered, promoted = results["register"], results["promote"]
     summary = {
         "stages_s": timings,
         "total_s": total,
-        "model_uri": getattr(registered, "model_uri", None),
-        "version": getattr(registered, "version", None),
+        "model_uri": registered.model_uri,
+        "version": registered.version,
+        "promotion": promoted.outcome,
     }
     write_json(params.paths.reports / "flow.json", summary)
     breakdown = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-    print(f"retrain finished in {total:.1f}s ({breakdown}); registered {summary['model_uri']}")
+    print(
+        f"retrain finished in {total:.1f}s ({breakdown}); registered {summary['model_uri']}, "
+        f"gate: {promoted.outcome}"
+    )
     return summary

@@ -47,7 +47,8 @@ def test_dvc_params_and_paths_exist_in_params_yaml() -> None:
 
 def test_each_stage_with_settings_has_a_params_section_of_its_name() -> None:
     sections = {f.name for f in dataclasses.fields(Params)}
-    for name in DVC:
+    # `cv` is cross-validated *evaluation*: its one setting is `evaluate.folds`.
+    for name in set(DVC) - {"cv"}:
         assert name in sections, f"stage {name} has no params.yaml section"
 
 

@@ -50,7 +50,8 @@ def test_flow_quarantines_bad_lines_trains_on_the_rest_and_registers(
 ) -> None:
     from flows.retrain import retrain
 
-    params = tiny_params_for(tmp_path)
+    # Two CV folds as well: the flow submits them as separate tasks.
+    params = tiny_params_for(tmp_path, evaluate={"folds": 2})
     good = json.dumps(
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     ).encode()
@@ -82,19 +83,24 @@ def test_flow_quarantines_bad_lines_trains_on_the_rest_and_registers(
     assert ingest["input_rows"] == 85
     assert ingest["accepted_rows"] == 81 and ingest["quarantined_rows"] == 4
 
-    assert summary["version"] is not None
-    assert set(summary["stages_s"]) == {
+    cv = json.loads((params.paths.reports / "cv.json").read_text())
+    assert len(cv["folds"]) == 2
+    assert summary["version"] == 1
+    assert summary["promotion"] == "promote"  # the first model passes the absolute gates
+    assert list(summary["stages_s"]) == [
         "ingest",
         "validate",
         "split",
         "train",
+        "cv",
         "evaluate",
         "register",
-    }
-    # The registered model loads through MLflow in a fresh process and generates text.
+        "promote",
+    ]
+    # Production loads through MLflow in a fresh process, as a client would, and generates text.
     code = (
         "import mlflow, sys\n"
-        f"m = mlflow.pyfunc.load_model({summary['model_uri']!r})\n"
+        "m = mlflow.pyfunc.load_model('models:/retune-test@production')\n"
         "out = m.predict(['Hi, my router'])\n"
         "text = out[0] if isinstance(out, list) else out.iloc[0, 0]\n"
         "text = text if isinstance(text, str) else str(text)\n"
@@ -130,3 +136,28 @@ def test_failed_expectation_stops_before_train_and_registers_nothing(
     assert not (params.paths.reports / "train.json").exists()
     mlflow.set_tracking_uri(resolved_uri(params.tracking.uri))
     assert MlflowClient().search_registered_models() == []
+
+
+def test_a_worse_retrain_is_registered_but_production_does_not_move(
+    harness: None, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+    from retune.tracking import resolved_uri
+
+    params = tiny_params_for(tmp_path, train={"max_steps": 30, "save_steps": 30})
+    write_incoming(params, [])
+    path = params_file(params, tmp_path)
+    first = retrain(path)
+    # Same data, same holdout; one training step instead of thirty: clearly worse.
+    second = retrain(path, ["train.max_steps=1", "train.save_steps=1"])
+
+    assert (first["version"], first["promotion"]) == (1, "promote")
+    assert (second["version"], second["promotion"]) == (2, "reject")
+    client = MlflowClient(resolved_uri(params.tracking.uri))
+    assert str(client.get_model_version_by_alias("retune-test", "production").version) == "1"
+    rejected = client.get_model_version("retune-test", "2").tags
+    assert rejected["gate.decision"] == "reject"
+    assert rejected["gate.compared_version"] == "1"
+    assert "worse" in rejected["gate.reason"]

@@ -53,6 +53,14 @@ def _params(path: Path, overrides: list[str] | None) -> Params:
     return load_params(path, overrides or [])
 
 
+def _registry(path: Path, overrides: list[str] | None) -> Any:
+    """The model registry named by the resolved params (`register.model_name`)."""
+    from retune.registry import Registry
+
+    resolved = _guarded(_params, path, overrides)
+    return Registry.open(resolved.tracking, resolved.register.model_name)
+
+
 def _guarded(fn: Any, *args: Any) -> Any:
     """Run `fn`; a user-fixable error prints its message and exits 1 without a traceback."""
     try:
@@ -112,10 +120,7 @@ def models(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """List the registered versions (aliases, data version, perplexity, gate decision)."""
-    from retune.registry import Registry
-
-    resolved = _guarded(_params, params, overrides)
-    registry = Registry.open(resolved.tracking, resolved.register.model_name)
+    registry = _registry(params, overrides)
     if history:
         events = registry.history()
         if not events:
@@ -140,7 +145,7 @@ def models(
     versions = registry.versions()
     if not versions:
         typer.echo(
-            f"{registry.model_name}: no versions registered in {resolved.tracking.uri} yet; "
+            f"{registry.model_name}: no versions registered in {registry.tracking.uri} yet; "
             "run the pipeline (`retune run`)"
         )
         return
@@ -203,10 +208,9 @@ def rollback(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Move production back to the version that was production before the current one."""
-    from retune.registry import Registry, cli_actor
+    from retune.registry import cli_actor
 
-    resolved = _guarded(_params, params, overrides)
-    registry = Registry.open(resolved.tracking, resolved.register.model_name)
+    registry = _registry(params, overrides)
     event = _guarded(registry.rollback, cli_actor(), reason)
     typer.echo(f"{registry.model_name}@production: v{event.from_version} -> v{event.to_version}")
 

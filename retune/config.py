@@ -30,6 +30,7 @@ class PathsParams:
     incoming: Path = Path("data/incoming")
     prepared: Path = Path("data/prepared")
     quarantine: Path = Path("data/quarantine")
+    clean: Path = Path("data/clean")
     split: Path = Path("data/split")
     model: Path = Path("models/candidate")
     checkpoints: Path = Path("models/checkpoints")
@@ -82,6 +83,14 @@ class IngestParams:
     )
     max_message_chars: Annotated[int, Field(ge=1)] = 4_000
     redact: tuple[Literal["email", "phone"], ...] = ("email", "phone")
+
+
+@dataclass(config=_STRICT)
+class HygieneParams:
+    # Word n-gram shingles, Jaccard threshold of MinHash/LSH near-duplicate detection.
+    near_duplicate_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    num_perm: Annotated[int, Field(ge=16)] = 128
+    shingle_words: Annotated[int, Field(ge=1)] = 3
 
 
 @dataclass(config=_STRICT)
@@ -184,18 +193,59 @@ class PromoteParams:
 
 
 @dataclass(config=_STRICT)
+class ServeParams:
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    alias: str = "production"
+    # How often the server asks the registry where the alias points (hot reload).
+    reload_interval_s: Annotated[float, Field(gt=0.0)] = 10.0
+    max_body_bytes: Annotated[int, Field(ge=256)] = 65_536
+    max_tokens: Annotated[int, Field(ge=1)] = 256
+    # Name of the environment variable holding the bearer token for writes; the token itself
+    # never goes into params.yaml, logs or MLflow.
+    token_env: str = "RETUNE_SERVE_TOKEN"
+
+
+@dataclass(config=_STRICT)
+class FeedbackParams:
+    # Any SQLAlchemy URL (e.g. postgresql+psycopg://...); a relative SQLite path is under cwd.
+    store_url: str = "sqlite:///data/feedback/feedback.db"
+
+
+@dataclass(config=_STRICT)
+class DriftParams:
+    window: Annotated[int, Field(ge=1)] = 500
+    min_ratings: Annotated[int, Field(ge=1)] = 50
+    min_prompts: Annotated[int, Field(ge=1)] = 50
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.01
+
+
+@dataclass(config=_STRICT)
+class ScheduleParams:
+    retrain_cron: str = "0 3 * * 0"
+    data_check_cron: str = "*/15 * * * *"
+    drift_check_cron: str = "0 * * * *"
+    timezone: str = "UTC"
+
+
+@dataclass(config=_STRICT)
 class Params:
     seed: int = 42
     paths: PathsParams = field(default_factory=PathsParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     sample: SampleParams = field(default_factory=SampleParams)
     ingest: IngestParams = field(default_factory=IngestParams)
+    hygiene: HygieneParams = field(default_factory=HygieneParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     split: SplitParams = field(default_factory=SplitParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
+    serve: ServeParams = field(default_factory=ServeParams)
+    feedback: FeedbackParams = field(default_factory=FeedbackParams)
+    drift: DriftParams = field(default_factory=DriftParams)
+    schedule: ScheduleParams = field(default_factory=ScheduleParams)
 
 
 def to_plain(params: Params) -> dict[str, Any]:

@@ -82,15 +82,66 @@ class IngestParams:
         }
     )
     max_message_chars: Annotated[int, Field(ge=1)] = 4_000
-    redact: tuple[Literal["email", "phone"], ...] = ("email", "phone")
+    # Kinds of personal data and secrets replaced by placeholders (retune.pii.KINDS). Leaving out
+    # `secret` stores keys and passwords for training: ingest warns loudly when it is missing.
+    redact: tuple[Literal["email", "phone", "card", "iban", "ip", "ssn", "secret"], ...] = (
+        "email",
+        "phone",
+        "card",
+        "iban",
+        "ip",
+        "ssn",
+        "secret",
+    )
 
 
 @dataclass(config=_STRICT)
 class HygieneParams:
+    """Near-duplicates, unsafe text and representation (the `hygiene` stage); the same
+    near-duplicate settings drive `split`'s leakage check, and the representation ones the
+    expectations `validate` adds."""
+
     # Word n-gram shingles, Jaccard threshold of MinHash/LSH near-duplicate detection.
     near_duplicate_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
     num_perm: Annotated[int, Field(ge=16)] = 128
     shingle_words: Annotated[int, Field(ge=1)] = 3
+    # A conversation whose most offensive sentence scores at least this (alt-profanity-check's
+    # probability) is quarantined. Angry but civil customers score up to ~0.905 ("I hate this
+    # thermostat", "This is ridiculous, I want a refund": 0.895); insults mostly 0.93-1.0.
+    safety_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.93
+    # Whole words or phrases (any case) that quarantine a conversation whatever the classifier
+    # says: insults it scores too low. A placeholder: add the terms your domain must not learn.
+    blocklist: tuple[str, ...] = (
+        "idiot",
+        "idiots",
+        "moron",
+        "morons",
+        "moronic",
+        "retard",
+        "retards",
+        "dumbass",
+        "asshole",
+        "assholes",
+        "bitch",
+        "fuck",
+        "fucking",
+        "fuck off",
+        "shut up",
+        "screw you",
+        "screw yourself",
+        "go to hell",
+        "kill yourself",
+    )
+    # The meta field (JSON key) holding a record's category or label, for the representation.
+    category_field: str = "category"
+    # validate: no category may hold less than this share of the records that have one (0: off).
+    min_category_share: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.02
+    # validate: at least `min_language_share` of the sampled records must be in one of
+    # `languages` (ISO 639-1, as py3langid names them); an empty list turns the check off.
+    languages: tuple[str, ...] = ("en",)
+    min_language_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    # Records whose language is detected (the smallest ids: a sample fixed by content).
+    language_sample: Annotated[int, Field(ge=1)] = 2_000
 
 
 @dataclass(config=_STRICT)
@@ -214,17 +265,32 @@ class FeedbackParams:
 
 @dataclass(config=_STRICT)
 class DriftParams:
+    """`drift_check`: the newest `window` ratings of production and prompts against references."""
+
     window: Annotated[int, Field(ge=1)] = 500
+    # Quality reference: the production version's first ratings before the window (its
+    # launch baseline, which a slow decline cannot drag down with it).
+    reference_ratings: Annotated[int, Field(ge=1)] = 1_000
+    # Input reference: holdout user turns scored under production (a fixed scoring budget).
+    reference_prompts: Annotated[int, Field(ge=1)] = 1_000
     min_ratings: Annotated[int, Field(ge=1)] = 50
     min_prompts: Annotated[int, Field(ge=1)] = 50
+    # Per check (three checks: a run on unchanged data flags one at most ~3% of the time).
     alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.01
+    # Minimum effects: a big window makes tiny, harmless shifts significant.
+    min_negative_share_increase: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    min_ks_statistic: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
 
 
 @dataclass(config=_STRICT)
 class ScheduleParams:
-    retrain_cron: str = "0 3 * * 0"
-    data_check_cron: str = "*/15 * * * *"
-    drift_check_cron: str = "0 * * * *"
+    """Cron schedules of the Prefect deployments (`retune deploy`); null turns one off (its
+    deployment still runs on demand, and retrain on its drift trigger)."""
+
+    retrain_cron: str | None = "0 3 * * 0"
+    data_check_cron: str | None = "*/15 * * * *"
+    drift_check_cron: str | None = "0 * * * *"
+    # IANA zone the crons are read in.
     timezone: str = "UTC"
 
 

@@ -12,9 +12,7 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,9 +28,10 @@ import pyarrow.parquet as pq
 from retune.config import ColumnsParams, IngestParams, Params
 from retune.entry import stage_main, stage_task
 from retune.errors import IngestError
-from retune.pii import PREFILTERS, redact
+from retune.pii import Redactor, strings_in, with_strings
 from retune.records import ROLES, Record, write_records
 from retune.reports import write_json
+from retune.text import normalize_text
 
 # Why a unit went to quarantine.jsonl: a fixed vocabulary (reports and tests count by it).
 REASONS: dict[str, str] = {
@@ -71,28 +70,6 @@ _ROLE_LIST = ", ".join(ROLES)
 _BOM = b"\xef\xbb\xbf"
 _PROGRESS_EVERY = 250_000
 _ARROW_CHUNK = 65_536
-
-_NEWLINE = re.compile(r"\r\n?|[\x0b\x0c\x85\u2028\u2029]")
-# C0/C1 controls except tab and newline, plus invisible zero-width characters. ZWJ and ZWNJ
-# (U+200D, U+200C) stay: they change meaning in emoji sequences and Persian/Indic scripts.
-_INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b\u2060\ufeff]")
-_TRAILING_SPACE = re.compile(r"[^\S\n]+\n")
-_SPACE_RUN = re.compile(r"[^\S\n]{2,}")
-
-
-def normalize_text(text: str) -> str:
-    """One message as stored: controls and zero-width characters removed, newlines as `\\n`, NFC,
-    runs of spaces/tabs collapsed to one space, no trailing spaces on any line, stripped."""
-    # Fast paths: plain printable ASCII (most text) skips the regular expressions.
-    if not (text.isascii() and text.isprintable()):
-        text = _NEWLINE.sub("\n", text)
-        text = _INVISIBLE.sub("", text)
-        if not text.isascii():
-            text = unicodedata.normalize("NFC", text)
-    if "  " in text or "\t" in text or " \n" in text or not text.isascii():
-        text = _TRAILING_SPACE.sub("\n", text)
-        text = _SPACE_RUN.sub(" ", text)
-    return text.strip()
 
 
 @dataclass(frozen=True)
@@ -145,8 +122,8 @@ class _Sink:
         self.role_map = {k.strip().lower(): v.strip().lower() for k, v in cfg.role_map.items()}
         self.max_chars = cfg.max_message_chars
         self.kinds = tuple(dict.fromkeys(cfg.redact))
-        # Most conversations hold no personal data: a cheap scan spares them the full patterns.
-        self.prefilters = [(k, re.compile(PREFILTERS[k])) for k in self.kinds]
+        # Most conversations hold no personal data: its prefilters spare them the detectors.
+        self.redactor = Redactor(self.kinds)
         self.quarantine = quarantine
         # id -> (file index << 40 | line) of the accepted record: names the original of a duplicate
         # without keeping records in memory.
@@ -161,15 +138,24 @@ class _Sink:
         self.sources.append(source)
         return _FileStats(index=len(self.sources) - 1, source=source)
 
-    def _redact(self, contents: list[str]) -> tuple[list[str], Counter[str] | None]:
-        """Redact all messages of a conversation in one pass: joined by NUL, which cleaning has
-        removed from every message and which neither pattern can match across or next to."""
-        joined = "\x00".join(contents)
-        kinds = [k for k, hint in self.prefilters if hint.search(joined)]
-        if not kinds:
-            return contents, None
-        joined, counts = redact(joined, kinds)
-        return (joined.split("\x00") if counts else contents), counts
+    def _redact(
+        self, contents: list[str], conversation_id: str | None, meta: dict[str, Any]
+    ) -> tuple[list[str], str | None, dict[str, Any], Counter[str]]:
+        """Redact a conversation's messages, its id and the strings in its extra fields, all in
+        one call (they are stored, so personal data there would reach the records too)."""
+        extra = strings_in(meta)
+        ids = [] if conversation_id is None else [conversation_id]
+        texts, counts = self.redactor.redact_many([*contents, *extra, *ids])
+        if not counts:
+            return contents, conversation_id, meta, counts
+        n = len(contents)
+        if extra:
+            meta = with_strings(meta, iter(texts[n : n + len(extra)]))
+        if ids and texts[-1] != conversation_id:
+            # Still one id per conversation (split and cv group by it), pseudonymised.
+            digest = hashlib.sha256(ids[0].encode("utf-8")).hexdigest()[:16]
+            conversation_id = f"{texts[-1]}-{digest}"
+        return texts[:n], conversation_id, meta, counts
 
     def offer(
         self,
@@ -229,7 +215,7 @@ class _Sink:
             contents.append(c)
         counts = None
         if self.kinds:
-            contents, counts = self._redact(contents)
+            contents, conversation_id, meta, counts = self._redact(contents, conversation_id, meta)
         for i, c in enumerate(contents, 1):
             if len(c) > self.max_chars:
                 self.reject(
@@ -1075,6 +1061,13 @@ def ingest(
     `quarantine_dir`/quarantine.jsonl. Outputs are replaced only when the whole run succeeds."""
     started = time.perf_counter()
     plans, unsupported = _plan(incoming, cfg.columns)
+    if "secret" not in cfg.redact:
+        print(
+            "ingest: WARNING: ingest.redact does not list `secret`: API keys, tokens, passwords "
+            "and private keys in your data will be stored for training, and a model can repeat "
+            "them. Add `secret` back to ingest.redact unless you are sure the data holds none.",
+            flush=True,
+        )
     for name in unsupported:
         print(
             f"ingest: warning: skipping {name} (unsupported; retune reads "
@@ -1137,6 +1130,7 @@ def ingest(
             for s in stats
         },
         "by_format": dict(sorted(sink.by_format.items())),
+        "redact": list(sink.kinds),
         "redactions": {k: sink.redactions.get(k, 0) for k in sink.kinds},
         "unsupported_files": unsupported,
     }

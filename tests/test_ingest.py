@@ -322,7 +322,7 @@ def test_personal_data_is_redacted_and_look_alikes_kept(tmp_path: Path) -> None:
         ("user", "I'm [EMAIL], call [PHONE] or [PHONE]."),
         ("assistant", "Order NW-483920 from 2024-05-01 ships 2024-05-03; ticket 58213."),
     ]
-    assert result.report["redactions"] == {"email": 1, "phone": 2}
+    assert {k: v for k, v in result.report["redactions"].items() if v} == {"email": 1, "phone": 2}
 
 
 def test_pii_prefilters_never_hide_a_match() -> None:

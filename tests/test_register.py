@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from retune import pii
 from retune.config import Params
 from retune.gitinfo import GitState, git_state
 from retune.masking import MASK, flatten, is_secret_key, mask_secrets, mask_value, safe_params
@@ -43,7 +44,7 @@ def _pipeline_so_far(params: Params, model_dir: Path, evaluated: bool = True) ->
             {"perplexity": 41.5, "baseline_perplexity": 402.0, "next_token_accuracy": 0.25},
         )
     write_json(
-        params.paths.prepared / "manifest.json", {"data_version": DATA_VERSION, "n_records": 80}
+        params.paths.clean / "manifest.json", {"data_version": DATA_VERSION, "n_records": 80}
     )
     write_json(reports / "split.json", {"n_train": 64, "n_holdout": 16})
     return active.info.run_id
@@ -235,7 +236,7 @@ def test_version_tags_carry_provenance_metrics_and_params() -> None:
     assert tags["data_version"] == DATA_VERSION
     assert float(tags["perplexity"]) == 12.5 and float(tags["train_loss"]) == 2.5
     assert tags["params.register.max_new_tokens"] == "64"
-    assert tags["params.ingest.redact"] == '["email", "phone"]'
+    assert json.loads(tags["params.ingest.redact"]) == list(pii.KINDS)
 
 
 @pytest.mark.parametrize(

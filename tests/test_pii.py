@@ -1,0 +1,308 @@
+"""PII redaction: every kind found, look-alikes kept, the kinds configurable, and a secret in the
+incoming data never reaching the prepared records, the logs, the reports or MLflow."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from retune.config import IngestParams, Params, ValidateParams, load_params
+from retune.errors import DataValidationError
+from retune.pii import KINDS, PLACEHOLDERS, Redactor, find, iban_ok, looks_random, luhn_ok, redact
+from tests.conftest import ROOT, make_conversations
+
+OPENAI_KEY = "sk-proj-Zr8TqX2mVb7LpK4nWc9YhD3sFg6JuA1e"
+PEM = (
+    "-----BEGIN RSA PRIVATE KEY-----\n"
+    "MIIEowIBAAKCAQEAvRk3cdTq8mJ2uW7yXhLZ0pQ4sN1eB5fG9aK6jD2vC8xYzT3r\n"
+    "Qm7nP4kL2wS9vB1cX5zF8hJ3gD6tA0eR7yU4iO2pM9nK1bV3cX6zL8jH5gF2dS4a\n"
+    "-----END RSA PRIVATE KEY-----"
+)
+
+
+def _kinds(text: str) -> list[tuple[str, str]]:
+    return [(m.kind, text[m.start : m.end]) for m in find(text)]
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [
+        ("Mail jane.doe+shop@mail.co.uk today", "email", "jane.doe+shop@mail.co.uk"),
+        ("メールはtaro@example.jpです", "email", "taro@example.jp"),
+        ("écrivez à chloé.dubois@exemple.fr.", "email", "chloé.dubois@exemple.fr"),
+        ("call +1 (415) 555-0132 now", "phone", "+1 (415) 555-0132"),
+        ("call 415.555.0132", "phone", "415.555.0132"),
+        ("Ruf an: 030 12345678", "phone", "030 12345678"),
+        ("UK office +44 20 7946 0958.", "phone", "+44 20 7946 0958"),
+        ("Llámame al 612 33 99 13", "phone", "612 33 99 13"),
+        ("電話番号は03-1234-5678です", "phone", "03-1234-5678"),
+        ("0044 20 7946 0958", "phone", "0044 20 7946 0958"),
+        ("card 4111 1111 1111 1111 exp 12/27", "card", "4111 1111 1111 1111"),
+        ("amex 3782-822463-10005", "card", "3782-822463-10005"),
+        ("paid with 5555555555554444.", "card", "5555555555554444"),
+        ("IBAN DE89 3704 0044 0532 0130 00 is mine", "iban", "DE89 3704 0044 0532 0130 00"),
+        ("iban=GB82WEST12345698765432", "iban", "GB82WEST12345698765432"),
+        ("from 203.0.113.45:8080", "ip", "203.0.113.45"),
+        ("host [2001:db8::8a2e:370:7334]:443", "ip", "2001:db8::8a2e:370:7334"),
+        ("link fe80::1ff:fe23:4567:890a%eth0 down", "ip", "fe80::1ff:fe23:4567:890a%eth0"),
+        ("SSN 123-45-6789.", "ssn", "123-45-6789"),
+        ("my social security number is 123456789", "ssn", "123456789"),
+        (f"key {OPENAI_KEY}", "secret", OPENAI_KEY),
+        ("token ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8", "secret", "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"),  # noqa: E501
+        ("AKIAIOSFODNN7EXAMPLE in the config", "secret", "AKIAIOSFODNN7EXAMPLE"),
+        ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.sig-Abc123", "secret",
+         "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.sig-Abc123"),
+        ('"password": "Tr0ub4dor&3"', "secret", "Tr0ub4dor&3"),
+        ("postgres://app:s3cr3t-Pw@db.internal:5432/app", "secret", "s3cr3t-Pw"),
+        ("export KEY=Xq7Lm2Pz9Rt4Vw8Ny3Bc6Df1", "secret", "Xq7Lm2Pz9Rt4Vw8Ny3Bc6Df1"),
+        (f"the key file:\n{PEM}\nthanks", "secret", PEM),
+    ],
+)  # fmt: skip
+def test_each_kind_is_found_whole(text: str, kind: str, value: str) -> None:
+    assert _kinds(text) == [(kind, value)]
+    redacted, counts = redact(text)
+    assert redacted == text.replace(value, PLACEHOLDERS[kind])
+    assert counts == {kind: 1}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Order NW-483920 from 2024-05-01 ships 2024-05-03; ticket 58213.",
+        "Order 2125551234 and order #48392017, invoice INV-2024-00123, case number 03358255",
+        "Amazon order 112-4567890-1234567 arrived",
+        "at 2024-05-07 21:24:05, again 05.04.2023 and 12/31/2024 14:05",
+        "it costs $1,299.00 or 1.299,00 € (1,234,567 sold)",
+        "firmware 2.14.1, version 1.2.3.4, build 10.0.19041.1, v4.2.1.0",
+        "UPS 1Z999AA10123456784, USPS 9400 1000 0000 0000 0000 00, FedEx 7489 1234 5678",
+        "ISBN 978-3-16-148410-0 and ISBN 0-306-40615-2",
+        "not a card 4111 1111 1111 1112, nor 1234 5678 9012 3456",
+        "invalid IBAN DE89 3704 0044 0532 0130 01",
+        "999.1.2.3 and 256.1.1.1 and 1.2.3",
+        "SSN-like 000-12-3456, 666-12-3456, 912-34-5678, 078-05-1120; SKU 123-456-789",
+        "commit 3f786850e387550fdab836ed7e6dc881de23001b, fixed in 3f78685",
+        "id 123e4567-e89b-12d3-a456-426614174000, sha256:" + "ab" * 32,
+        "MAC 00:1A:2B:3C:4D:5E at 12:30:45, ratio 16:9, std::vector",
+        "see getUserAccountSettingsById2 in /usr/local/lib/python3.11/site-packages",
+        "api_key=YOUR_API_KEY, Authorization: Bearer <token>, password: ********",
+        "I reset my password yesterday; the token expires in 24 hours",
+        "@jane_support and icon@2x.png, ZIP 94105-1234",
+    ],
+)
+def test_look_alikes_survive(text: str) -> None:
+    assert find(text) == [], _kinds(text)
+
+
+def test_validators() -> None:
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert iban_ok("DE89370400440532013000") and not iban_ok("DE89370400440532013001")
+    assert not iban_ok("XX89370400440532013000")  # no such country
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    keys = ["".join(rng.choice(alphabet) for _ in range(40)) for _ in range(200)]
+    assert sum(map(looks_random, keys)) >= 195
+    assert not looks_random("AbstractSingletonProxyFactoryBean42")
+    assert not looks_random("0123456789abcdef0123456789abcdef01234567")  # hex: a hash
+
+
+def test_only_the_configured_kinds_are_redacted() -> None:
+    text = "mail a@b.com, call 415-555-0132, card 4111 1111 1111 1111"
+    out, counts = redact(text, ["email", "card"])
+    assert out == "mail [EMAIL], call 415-555-0132, card [CARD]"
+    assert counts == {"email": 1, "card": 1}
+    with pytest.raises(ValueError, match="horoscope"):
+        Redactor(["email", "horoscope"])
+
+
+def test_every_kind_is_on_by_default_in_code_and_params_yaml() -> None:
+    assert IngestParams().redact == KINDS
+    assert load_params(ROOT / "params.yaml").ingest.redact == KINDS
+
+
+def test_prefilters_never_hide_a_match() -> None:
+    """`find` skips detectors when a cheap check fails; that must never lose a match."""
+    from benchmarks.pii_corpus import generate
+
+    texts = [ex.text for ex in generate(40, seed=3)]
+    rng = random.Random(1)
+    pieces = [*texts, "+1 (415) 555-0132", "4111 1111 1111 1111", "::ffff:10.0.0.1", "a@b.io",
+              " ", "\n", "-", ":", "=", "password=", "Bearer ", "\x00", "2024-05-01",
+              "99"]  # fmt: skip
+    texts += ["".join(rng.choices(pieces, k=rng.randint(2, 6))) for _ in range(300)]
+    redactor = Redactor(KINDS)
+    for text in texts:
+        assert redactor.find(text) == redactor.find(text, prefilter=False), text
+
+
+def test_redaction_leaves_nothing_validate_would_find() -> None:
+    from benchmarks.pii_corpus import generate
+
+    for ex in generate(30, seed=4):
+        out, _ = redact(ex.text)
+        assert find(out) == [], (ex.text, out)
+
+
+def test_many_texts_redact_as_one_and_keep_their_boundaries() -> None:
+    redactor = Redactor(KINDS)
+    texts = ["call 415-555-0132", "2024-05-01T10:00:00Z", "4111 1111", "1111 1111", "x\x00y"]
+    out, counts = redactor.redact_many(texts)
+    assert out == ["call [PHONE]", "2024-05-01T10:00:00Z", "4111 1111", "1111 1111", "x\x00y"]
+    assert counts == {"phone": 1}
+
+
+def test_placeholders_are_single_tokens_of_the_scratch_tokenizer() -> None:
+    from retune.modeling import train_tokenizer
+
+    texts = [" ".join(c for _, c in conv) for conv in make_conversations(60)]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    for placeholder in PLACEHOLDERS.values():
+        ids = tokenizer.encode(f"call me at {placeholder}.", add_special_tokens=False)
+        assert tokenizer.convert_tokens_to_ids(placeholder) in ids, placeholder
+
+
+def _incoming(params: Params) -> None:
+    """Clean conversations plus one of each kind, in the text and in an extra field."""
+    incoming = params.paths.incoming
+    incoming.mkdir(parents=True, exist_ok=True)
+    lines = [
+        {"messages": [{"role": r, "content": c} for r, c in conv]}
+        for conv in make_conversations(30)
+    ]
+    lines.append(
+        {
+            "messages": [
+                {"role": "user", "content": f"My key {OPENAI_KEY} fails, card 4111 1111 1111 1111"},
+                {"role": "assistant", "content": "Please never share keys. Rotate it now."},
+            ],
+            "notes": f"customer pasted {OPENAI_KEY}",
+            "conversation_id": "jane.doe@example.com",
+        }
+    )
+    lines.append(
+        {
+            "messages": [
+                {"role": "user", "content": f"Here is my deploy key:\n{PEM}\nSSN 123-45-6789"},
+                {"role": "assistant", "content": "Thanks, we have revoked it."},
+            ]
+        }
+    )
+    text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+    (incoming / "chats.jsonl").write_text(text, encoding="utf-8")
+
+
+def _leaks(root: Path, secrets: list[str], skip: tuple[Path, ...]) -> list[str]:
+    """Files under `root` (not under `skip`) that contain any of `secrets`, whatever format."""
+    found = []
+    for path in root.rglob("*"):
+        if not path.is_file() or any(path.is_relative_to(s) for s in skip):
+            continue
+        data = path.read_bytes()
+        if path.suffix == ".parquet":
+            data = json.dumps(pq.read_table(path).to_pylist(), default=str).encode()
+        found += [f"{path}: {s[:12]}" for s in secrets if s.encode() in data]
+    return found
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_records_reports_logs_or_mlflow(
+    tiny_params: Params, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tasks import ingest, validate
+
+    params = tiny_params
+    _incoming(params)
+    result = ingest.run(params)
+
+    counts = json.loads((params.paths.reports / "ingest.json").read_text())["redactions"]
+    assert counts == {"email": 1, "phone": 0, "card": 1, "iban": 0, "ip": 0, "ssn": 1, "secret": 3}
+    records = pq.read_table(result.records_file).to_pylist()
+    assert len(records) == 32
+    pasted = next(r for r in records if "[SECRET] fails" in r["text"])
+    assert json.loads(pasted["meta"]) == {"notes": "customer pasted [SECRET]"}
+    assert pasted["conversation_id"].startswith("[EMAIL]-")  # still one id, pseudonymised
+    assert any("Here is my deploy key:\n[SECRET]\nSSN [SSN]" in r["text"] for r in records)
+
+    # validate reads what hygiene leaves in paths.clean; here, the prepared records as they are.
+    shutil.copytree(params.paths.prepared, params.paths.clean, dirs_exist_ok=True)
+    # Other expectations may fail on 32 tiny records; the PII ones must not.
+    with contextlib.suppress(DataValidationError):
+        validate.run(params)
+    report = json.loads((params.paths.reports / "validate.json").read_text())
+    outcome = {e["name"]: e["success"] for e in report["expectations"]}
+    assert all(outcome[f"no_{kind}"] for kind in KINDS), outcome
+
+    secrets = [OPENAI_KEY, PEM.splitlines()[1], "4111 1111 1111 1111", "123-45-6789", "jane.doe@"]
+    # Everything retune wrote: records, reports, Data Docs, the MLflow store (params, tags,
+    # artifacts). Incoming and quarantine hold the input as the user gave it.
+    keep = (params.paths.incoming, params.paths.quarantine)
+    assert _leaks(params.paths.incoming.parents[1], secrets, keep) == []
+    out = capsys.readouterr()
+    assert not any(s in out.out + out.err for s in secrets)
+
+
+def test_ingest_warns_loudly_without_secret_and_keeps_the_kinds_it_is_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tasks.ingest import ingest
+
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    line = {"messages": [{"role": "user", "content": f"mail a@b.com key {OPENAI_KEY}"},
+                         {"role": "assistant", "content": "ok"}]}  # fmt: skip
+    (incoming / "a.jsonl").write_text(json.dumps(line) + "\n")
+    result = ingest(incoming, IngestParams(redact=("email",)), tmp_path / "p", tmp_path / "q")
+    assert "WARNING: ingest.redact does not list `secret`" in capsys.readouterr().out
+    assert result.report["redactions"] == {"email": 1}
+    assert result.report["redact"] == ["email"]
+    [record] = pq.read_table(result.records_file).to_pylist()
+    assert record["text"] == f"mail [EMAIL] key {OPENAI_KEY}\nok"
+
+
+def test_validation_names_file_and_line_of_residual_pii(tmp_path: Path) -> None:
+    """Records prepared with redaction off fail a suite that expects it on."""
+    from tasks.ingest import ingest
+    from tasks.validate import check, error_message
+
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    lines = [
+        {"messages": [{"role": "user", "content": f"question {i}"},
+                      {"role": "assistant", "content": f"answer {i}"}]}
+        for i in range(4)
+    ]  # fmt: skip
+    lines.insert(2, {"messages": [{"role": "user", "content": f"key {OPENAI_KEY}, IBAN "
+                                   "DE89 3704 0044 0532 0130 00"},
+                                  {"role": "assistant", "content": "ok"}]})  # fmt: skip
+    (incoming / "chat.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = ingest(incoming, IngestParams(redact=()), tmp_path / "p", tmp_path / "q")
+
+    outcome = check(result.records_file, ValidateParams(min_examples=1), KINDS)
+    assert not outcome.success
+    failed = {o.name: o for o in outcome.failed}
+    assert set(failed) == {"no_secret", "no_iban"}
+    message = error_message(outcome)
+    assert "chat.jsonl:3" in message
+    assert "run ingest again" in message and "[SECRET]" in message
+    assert OPENAI_KEY not in message  # the snippet is masked
+    assert check(result.records_file, ValidateParams(min_examples=1), ("email",)).success
+
+
+def test_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    from benchmarks import pii as bench
+
+    out = tmp_path / "pii.json"
+    bench.main(["--n", "15", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["name"] == "pii" and result["command"].startswith("python -m benchmarks.pii")
+    rows = {r["metric"]: r for r in result["rows"]}
+    for kind in KINDS:
+        assert 0.8 <= rows[f"recall_{kind}"]["value"] <= 1.0, kind
+        assert 0.8 <= rows[f"precision_{kind}"]["value"] <= 1.0, kind
+        assert rows[f"recall_{kind}"]["target"].startswith(">=")
+    assert set(rows["throughput"]) == {"metric", "value", "unit", "target", "note"}

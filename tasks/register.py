@@ -461,7 +461,7 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
             "metrics (the version is tagged evaluated=false)",
             flush=True,
         )
-    manifest = _optional(params.paths.prepared / "manifest.json") or {}
+    manifest = _optional(params.paths.clean / "manifest.json") or {}
     counts: dict[str, int] = {}
     for report in (
         manifest,

@@ -30,11 +30,15 @@ DEFECT_KINDS = (
     "empty_turn",  # a message whose content is "" or only whitespace
     "email",  # one e-mail address in a customer message
     "phone",  # one phone number in a customer message
+    "sensitive",  # a card number, IBAN, IP address, US SSN or API key in a customer message
     "overlong",  # one message (or article) longer than ingest.max_message_chars' default
     "unknown_role",  # an extra message from a speaker no role map knows ("moderator", ...)
     "missing_field",  # a message without role/content, a row without role, a pair half
     "truncated_json",  # chat JSONL only: the line is cut off mid-object
     "invalid_utf8",  # chat JSONL only: the line is encoded as cp1252, not UTF-8
+    "near_duplicate",  # an earlier conversation with small edits (word, punctuation, casing...)
+    "abusive",  # a customer insults the agent, or the agent the customer
+    "other_language",  # a conversation in Spanish, German, French, Italian or Portuguese
 )
 
 # Share of defects per kind; e-mail and phone are half of them so redaction has plenty to do
@@ -44,16 +48,23 @@ _DEFECT_WEIGHTS = {
     "empty_turn": 10,
     "email": 25,
     "phone": 25,
+    "sensitive": 10,
     "overlong": 6,
     "unknown_role": 6,
     "missing_field": 6,
     "truncated_json": 5,
     "invalid_utf8": 2,
+    "near_duplicate": 20,
+    "abusive": 8,
+    "other_language": 8,
 }
 
 _LINE_DEFECTS = ("truncated_json", "invalid_utf8")  # need a line format to break
 _TABLE_DEFECTS = tuple(k for k in DEFECT_KINDS if k not in _LINE_DEFECTS)
-_PAIR_DEFECTS = tuple(k for k in _TABLE_DEFECTS if k != "unknown_role")  # no roles in pairs
+# Conversation-only kinds: pairs have no roles to misname, and the hygiene kinds are planted
+# where the conversation generator builds them.
+_CONVERSATION_ONLY = ("unknown_role", "near_duplicate", "abusive", "other_language")
+_PAIR_DEFECTS = tuple(k for k in _TABLE_DEFECTS if k not in _CONVERSATION_ONLY)
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,7 @@ class SampleResult:
     defects_per_file: dict[str, dict[str, int]]
     categories: dict[str, int]  # category -> units (conversations, pairs, articles)
     lookalikes: int  # customer messages given order/date/serial strings that are not PII
+    complaints: int  # clean conversations with an angry but not abusive customer
 
 
 @dataclass(frozen=True)
@@ -724,9 +736,71 @@ _UNKNOWN_ROLES = (("moderator", "Conversation transferred to tier 2 support."),
                   ("supervisor", "Internal note: customer identity verified."),
                   ("internal", "Auto-tag: priority normal."))
 _BLANKS = ("", " ", "   ", "\n", " \t ")
+# Abuse that hygiene must quarantine: insults aimed at the other side of the conversation.
+_ABUSE_USER = ("You people are useless idiots.", "Screw you and your garbage company.",
+               "What kind of morons work there?", "Are you stupid or just pretending?",
+               "This is the worst shit I have ever bought, you clowns.",
+               "Shut up and give me my money back, you idiot.", "Go to hell, all of you.",
+               "Your fucking app is useless.", "Stop wasting my time, you brainless moron.",
+               "Fix this piece of crap or I'll trash your company everywhere.")
+_ABUSE_AGENT = ("Stop whining and read the manual, idiot.", "Not my problem, moron.",
+                "Shut up and wait like everyone else.")
+# Angry but not abusive: normal support talk that hygiene must keep.
+_COMPLAINTS = ("This is ridiculous, I want a refund.", "Honestly, this is unacceptable.",
+               "I'm really frustrated, this is the third time I'm contacting you.",
+               "This is the worst experience I've had with a company.",
+               "I'm losing my patience here.", "I am fed up with this.",
+               "This is absurd.", "I'm very disappointed with your service.",
+               "Why is this so complicated? I just want it to work.",
+               "I've been waiting for two weeks and nobody answers. This is not okay.")
+# Small edits that keep a conversation a near-duplicate (planted "near_duplicate").
+_SYNONYMS = {"Hi": "Hello", "Hello": "Hi", "Thanks": "Thank you", "thanks": "thank you",
+             "order": "purchase", "please": "kindly", "Please": "Kindly", "can't": "cannot",
+             "I've": "I have", "won't": "will not", "It's": "It is", "it's": "it is",
+             "within": "in", "I'm": "I am", "sorry": "so sorry", "new": "brand-new"}
+_ADDED_GREETINGS = ("Hi there,", "Hello!", "Good afternoon.", "Hey,")
+# Conversations in other languages (planted "other_language"): user, agent, user, agent.
+_FOREIGN: dict[str, tuple[str, tuple[str, str, str, str]]] = {
+    "es": ("shipping", (
+        "Hola, mi pedido {order} todavía no ha llegado. ¿Dónde está mi {model}?",
+        "Hola {first}, gracias por escribirnos. Su pedido {order} salió con {carrier} y llegará "
+        "en {days} días laborables.",
+        "¿Puedo cambiar la dirección de entrega?",
+        "Sí, ya he actualizado la dirección. Recibirá un correo de confirmación en unos "
+        "minutos.")),
+    "de": ("warranty", (
+        "Guten Tag, mein {model} funktioniert seit gestern nicht mehr. Ist das noch Garantie?",
+        "Hallo {first}, vielen Dank für Ihre Nachricht. Ihr Gerät hat zwei Jahre Garantie, "
+        "und ich habe den Fall {case} für einen Ersatz eröffnet.",
+        "Muss ich das alte Gerät zurückschicken?",
+        "Ja, bitte schicken Sie es innerhalb von 30 Tagen mit dem kostenlosen Etikett "
+        "zurück.")),
+    "fr": ("billing", (
+        "Bonjour, j'ai été débité deux fois pour la commande {order}. Pouvez-vous vérifier ?",
+        "Bonjour {first}, merci de nous avoir contactés. J'ai trouvé le double paiement et je "
+        "vous ai remboursé {price}.",
+        "Combien de temps faut-il pour voir le remboursement ?",
+        "Le remboursement apparaît sur votre carte sous {days} jours ouvrés, selon votre "
+        "banque.")),
+    "it": ("setup", (
+        "Buongiorno, non riesco ad aggiungere il mio nuovo {model} nell'app Northwind.",
+        "Ciao {first}, grazie per averci scritto. Tieni il telefono vicino al dispositivo e "
+        "riavvia la configurazione dall'app.",
+        "Ho bisogno di un hub per farlo funzionare?",
+        "No, il dispositivo si collega direttamente al tuo Wi-Fi, quindi l'hub è "
+        "facoltativo.")),
+    "pt": ("returns", (
+        "Olá, quero devolver o meu {model}. Não é o que eu esperava.",
+        "Olá {first}, obrigado pelo contato. Enviei uma etiqueta de devolução pré-paga para "
+        "o pedido {order}.",
+        "Preciso da caixa original?",
+        "Não é obrigatório; qualquer caixa resistente serve com a etiqueta pré-paga.")),
+}
 # fmt: on
 _SYSTEM_RATE = 0.25
 _LOOKALIKE_RATE = 0.05
+_COMPLAINT_RATE = 0.04  # clean conversations whose customer is angry but not abusive
+_AGENT_ABUSE_RATE = 0.25  # planted abuse from the agent rather than the customer
 
 
 def _cap(text: str) -> str:
@@ -900,6 +974,44 @@ def _phone(rng: random.Random) -> str:
     )
 
 
+def _luhn_digit(digits: str) -> str:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 == 0 else 1)
+        total += d - 9 if d > 9 else d
+    return str(-total % 10)
+
+
+def _sensitive(rng: random.Random) -> str:
+    """A sentence with one valid card number, IBAN, IP address, US SSN or API key."""
+    kind = rng.choice(("card", "iban", "ip", "ssn", "secret"))
+    if kind == "card":
+        body = "4" + "".join(rng.choice("0123456789") for _ in range(14))
+        number = body + _luhn_digit(body)
+        sep = rng.choice((" ", "-", ""))
+        value = sep.join(number[i : i + 4] for i in range(0, 16, 4))
+        sentence = rng.choice(("My card number is {v}.", "Please charge the card {v} instead."))
+        return sentence.format(v=value)
+    if kind == "iban":
+        bban = "".join(rng.choice("0123456789") for _ in range(18))
+        check = 98 - int(bban + "131400") % 97  # "DE00" with D=13, E=14, moved to the end
+        iban = f"DE{check:02d}{bban}"
+        value = " ".join(iban[i : i + 4] for i in range(0, len(iban), 4))
+        return f"Please refund it to my IBAN {value}."
+    if kind == "ip":
+        value = rng.choice(
+            (f"203.0.113.{rng.randrange(1, 255)}", f"2001:db8::{rng.randrange(1, 65535):x}")
+        )
+        return f"My router's public IP address is {value}, if that helps."
+    if kind == "ssn":
+        area = rng.choice([a for a in range(100, 666) if a != 666])
+        value = f"{area}-{rng.randrange(10, 100)}-{rng.randrange(1000, 10_000)}"
+        return f"The form asked for my SSN, it is {value}."
+    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
+    token = "".join(rng.choice(alphabet) for _ in range(32))
+    return f"Here is the API key of my integration: sk_live_{token}"
+
+
 def _lookalike(rng: random.Random, s: dict[str, str]) -> str:
     a, b, c = rng.randrange(1000, 10_000), rng.randrange(1000, 10_000), rng.randrange(10, 99)
     serial = f"NWS-{a}-{b}-{c}"
@@ -924,6 +1036,9 @@ def _plant(
     elif kind == "phone":
         i = rng.choice(users)
         msgs[i][1] = _join(msgs[i][1], rng.choice(_PHONE_SENTENCES).format(phone=_phone(rng)))
+    elif kind == "sensitive":
+        i = rng.choice(users)
+        msgs[i][1] = _join(msgs[i][1], _sensitive(rng))
     elif kind == "overlong":
         i = rng.choice(users)
         msgs[i][1] = msgs[i][1] + "\n" + _log_paste(rng, s)
@@ -940,6 +1055,65 @@ def _plant(
             return True
         msgs[rng.randrange(len(msgs))][field] = None
     return False
+
+
+def _swap_word(rng: random.Random, text: str) -> str:
+    """One word replaced by a synonym, or one filler word added where none applies."""
+    tokens = text.split(" ")
+    known = [i for i, t in enumerate(tokens) if t.strip(".,!?") in _SYNONYMS]
+    if known:
+        i = rng.choice(known)
+        core = tokens[i].strip(".,!?")
+        tokens[i] = tokens[i].replace(core, _SYNONYMS[core], 1)
+    else:
+        tokens.insert(rng.randrange(1, len(tokens) + 1), "just")
+    return " ".join(tokens)
+
+
+def paraphrase(rng: random.Random, msgs: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """A near-duplicate of a conversation: one to three small edits (a changed word,
+    punctuation, a lowercased message, a greeting added), never identical to the original."""
+    out = [list(m) for m in msgs]
+    spoken = [i for i, m in enumerate(out) if m[0] != "system"]
+    users = _user_indices(out)
+    for edit in rng.sample(("word", "punctuation", "casing", "greeting"), rng.randint(1, 3)):
+        if edit == "word":
+            i = rng.choice(spoken)
+            out[i][1] = _swap_word(rng, out[i][1])
+        elif edit == "punctuation":
+            i = rng.choice(spoken)
+            text = out[i][1]
+            out[i][1] = rng.choice(
+                (text.replace(",", ""), text.replace(". ", "... ", 1), text.rstrip(".!?") + "!")
+            )
+        elif edit == "casing":
+            i = rng.choice(users)
+            out[i][1] = out[i][1].lower()
+        else:
+            out[users[0]][1] = _join(rng.choice(_ADDED_GREETINGS), out[users[0]][1])
+    if out == [list(m) for m in msgs]:  # every edit happened to change nothing
+        out[users[0]][1] = _join(rng.choice(_ADDED_GREETINGS), out[users[0]][1])
+    return out
+
+
+def _abuse(rng: random.Random, msgs: list[list[Any]]) -> None:
+    """Make one message abusive: mostly the customer's, sometimes the agent's."""
+    agents = [i for i, m in enumerate(msgs) if m[0] == "assistant"]
+    if agents and rng.random() < _AGENT_ABUSE_RATE:
+        i = rng.choice(agents)
+        msgs[i][1] = _join(rng.choice(_ABUSE_AGENT), msgs[i][1])
+    else:
+        i = rng.choice(_user_indices(msgs))
+        insult = rng.choice(_ABUSE_USER)
+        msgs[i][1] = _join(insult, msgs[i][1]) if rng.random() < 0.5 else _join(msgs[i][1], insult)
+
+
+def _foreign(rng: random.Random, s: dict[str, str]) -> tuple[str, list[list[Any]]]:
+    """A short support conversation in another language; returns (category, messages)."""
+    category, turns = _FOREIGN[rng.choice(tuple(_FOREIGN))]
+    n = rng.choice((2, 4))
+    roles = ("user", "assistant", "user", "assistant")
+    return category, [[r, t.format_map(s)] for r, t in zip(roles[:n], turns[:n], strict=True)]
 
 
 class _ChatJsonl:
@@ -1005,16 +1179,17 @@ class _LongTable:
         self.rel = rel
         self._f = open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115
         self._w = csv.writer(self._f, delimiter=delimiter, lineterminator=lineterminator)
-        self._w.writerow(["conversation_id", "role", "text", "timestamp"])
+        self._w.writerow(["conversation_id", "role", "text", "timestamp", "category"])
         self._roles, self._stamp, self._id = roles, stamp, id_format
 
-    def write(self, rng: random.Random, index: int, msgs: list[list[Any]]) -> None:
+    def write(self, rng: random.Random, index: int, msgs: list[list[Any]], category: str) -> None:
         cid = self._id.format(index + 1)
         t = _EPOCH_2024 + rng.randrange(365 * 86_400)
         for role, content in msgs:
             t += rng.randrange(15, 400)
             name = "" if role is None else self._roles.get(role, role)
-            self._w.writerow([cid, name, "" if content is None else content, self._stamp(t)])
+            text = "" if content is None else content
+            self._w.writerow([cid, name, text, self._stamp(t), category])
 
     def close(self) -> None:
         self._f.close()
@@ -1029,6 +1204,7 @@ class _ParquetLong:
             ("role", pa.string()),
             ("text", pa.string()),
             ("timestamp", pa.string()),
+            ("category", pa.string()),
         ]
     )
 
@@ -1037,7 +1213,7 @@ class _ParquetLong:
         self._writer = pq.ParquetWriter(out_dir / PARQUET_FILE, self._SCHEMA)
         self._cols: dict[str, list[str | None]] = {n: [] for n in self._SCHEMA.names}
 
-    def write(self, rng: random.Random, index: int, msgs: list[list[Any]]) -> None:
+    def write(self, rng: random.Random, index: int, msgs: list[list[Any]], category: str) -> None:
         cid = f"arch-{index + 1:06d}"
         t = _EPOCH_2024 + rng.randrange(365 * 86_400)
         for role, content in msgs:
@@ -1046,6 +1222,7 @@ class _ParquetLong:
             self._cols["role"].append(role)
             self._cols["text"].append(content)
             self._cols["timestamp"].append(_iso_z(t))
+            self._cols["category"].append(category)
         if len(self._cols["role"]) >= _PARQUET_BATCH_ROWS:
             self._flush()
 
@@ -1164,7 +1341,7 @@ def generate(cfg: SampleParams, seed: int, out_dir: Path) -> SampleResult:
     per_file: Counter[str] = Counter()
     defects_per_file: dict[str, Counter[str]] = {}
     categories: Counter[str] = Counter()
-    lookalikes = 0
+    lookalikes = complaints = 0
     conv_pool, pair_pool, article_pool = _Pool(), _Pool(), _Pool()
     done, started = 0, time.perf_counter()
 
@@ -1182,10 +1359,11 @@ def generate(cfg: SampleParams, seed: int, out_dir: Path) -> SampleResult:
                     kind = _draw(rng, left)
                     remaining -= 1
                 if sink.unit == "conversation":
-                    category, rel, clean = _write_conversation(
+                    category, rel, clean, angry = _write_conversation(
                         rng, sink.key, writer, k, kind, conv_pool
                     )
                     lookalikes += clean
+                    complaints += angry
                 elif sink.unit == "pair":
                     category, rel = _write_pair(rng, writer, kind, pair_pool)
                 else:
@@ -1220,6 +1398,7 @@ def generate(cfg: SampleParams, seed: int, out_dir: Path) -> SampleResult:
         },
         categories={c: categories[c] for c in _CATEGORY_KEYS if categories[c]},
         lookalikes=lookalikes,
+        complaints=complaints,
     )
 
 
@@ -1248,24 +1427,39 @@ def _open_writer(key: str, out_dir: Path) -> Any:
 
 def _write_conversation(
     rng: random.Random, key: str, writer: Any, index: int, kind: str | None, pool: _Pool
-) -> tuple[str, str, int]:
+) -> tuple[str, str, int, int]:
     """Build (or copy) one conversation, plant `kind`, write it; returns category, file,
-    and 1 if a non-PII look-alike was planted."""
+    1 if a non-PII look-alike was planted, and 1 if an angry-but-polite complaint was."""
     drop_messages = False
-    lookalike = 0
+    lookalike = complaint = 0
     if kind == "duplicate":
         category, product, frozen = rng.choice(pool.items)
         msgs = [list(m) for m in frozen]
+    elif kind == "near_duplicate":
+        # Taken out of the pool (all but the last): two edits of one original could come out
+        # identical, and ingest would count the second as an exact duplicate.
+        j = rng.randrange(len(pool.items))
+        category, product, frozen = pool.items.pop(j) if len(pool.items) > 1 else pool.items[j]
+        msgs = paraphrase(rng, frozen)
+    elif kind == "other_language":
+        product, s = _slots(rng)
+        category, msgs = _foreign(rng, s)
     else:
         category = rng.choice(_CATEGORY_KEYS)
         product, s = _slots(rng)
         msgs = _conversation(rng, category, s)
         if kind is None:
+            if rng.random() < _COMPLAINT_RATE:
+                i = _user_indices(msgs)[0]
+                msgs[i][1] = _join(rng.choice(_COMPLAINTS), msgs[i][1])
+                complaint = 1
             if rng.random() < _LOOKALIKE_RATE:
                 i = rng.choice(_user_indices(msgs))
                 msgs[i][1] = _join(msgs[i][1], _lookalike(rng, s))
                 lookalike = 1
             pool.offer(rng, (category, product, tuple(tuple(m) for m in msgs)))
+        elif kind == "abusive":
+            _abuse(rng, msgs)
         elif kind not in _LINE_DEFECTS:
             drop_messages = _plant(rng, kind, msgs, s, chat=key == "chat")
         elif kind == "invalid_utf8":
@@ -1274,8 +1468,8 @@ def _write_conversation(
     if key == "chat":
         writer.write(rng, index, msgs, category, product, kind, drop_messages)
     else:
-        writer.write(rng, index, msgs)
-    return category, writer.rel, lookalike
+        writer.write(rng, index, msgs, category)
+    return category, writer.rel, lookalike, complaint
 
 
 def _write_pair(
@@ -1288,10 +1482,10 @@ def _write_pair(
     category = rng.choice(_CATEGORY_KEYS)
     _, s = _slots(rng)
     prompt, completion = _pair(rng, category, s)
-    pair: dict[str, str] = {"prompt": prompt, "completion": completion}
+    pair: dict[str, str] = {"prompt": prompt, "completion": completion, "category": category}
     if kind is None:
         pool.offer(rng, (category, tuple(pair.items())))
-    elif kind in ("email", "phone", "overlong"):
+    elif kind in ("email", "phone", "sensitive", "overlong"):
         msgs = [["user", prompt], ["assistant", completion]]
         _plant(rng, kind, msgs, s, chat=False)
         pair["prompt"] = msgs[0][1]
@@ -1368,6 +1562,7 @@ def run(params: Params) -> SampleResult | None:
             "defects": result.defects,
             "categories": result.categories,
             "lookalikes": result.lookalikes,
+            "complaints": result.complaints,
             "bytes": size,
         },
     )

@@ -82,7 +82,7 @@ def run(params: Params) -> TrainResult:
     train_file, holdout_file = paths.split / "train.parquet", paths.split / "holdout.parquet"
     if not train_file.exists():
         raise RetuneError(f"{train_file}: missing; run the split stage first (`retune split`)")
-    manifest = paths.prepared / "manifest.json"
+    manifest = paths.clean / "manifest.json"
     data_version = read_json(manifest).get("data_version") if manifest.exists() else None
     train_sha = file_sha256(train_file)
 

@@ -58,6 +58,8 @@ def tiny_params_for(tmp: Path, **sections: dict) -> Params:
             "experiment": "retune-test",
         },
         "sample": {"conversations": 200},
+        # The fixture corpus is templated: at the default 0.8 most of it would be near-duplicates.
+        "hygiene": {"near_duplicate_threshold": 0.9},
         "validate": {"min_examples": 20},
         "split": {"holdout_fraction": 0.2},
         "train": {
@@ -88,12 +90,14 @@ def tiny_params(tmp_path: Path) -> Params:
 
 @pytest.fixture
 def prepared(tiny_params: Params) -> Params:
-    """`tiny_params` with 80 conversations already written as prepared records."""
-    rows = (
+    """`tiny_params` with 80 conversations already written as prepared records, and the same
+    records as the clean ones (what `hygiene` keeps: validate and split read those)."""
+    rows = [
         Record(messages=tuple(c), source="fixture.jsonl", line=i + 1, format="chat_jsonl").to_row()
         for i, c in enumerate(make_conversations(80))
-    )
+    ]
     write_records(rows, tiny_params.paths.prepared / "records.parquet")
+    write_records(rows, tiny_params.paths.clean / "records.parquet")
     return tiny_params
 
 

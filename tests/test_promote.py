@@ -109,7 +109,7 @@ def register_candidate(params: Params, model_dir: Path, **metrics: float) -> int
     reports.mkdir(parents=True, exist_ok=True)
     pq.write_table(scores, reports / "holdout_scores.parquet")
     write_json(reports / "evaluate.json", {**aggregate(scores), "unsafe_share": 0.0, **metrics})
-    write_json(params.paths.prepared / "manifest.json", {"data_version": "d" * 64})
+    write_json(params.paths.clean / "manifest.json", {"data_version": "d" * 64})
     return register(params).version
 
 

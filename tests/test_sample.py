@@ -6,6 +6,7 @@ import csv
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from retune.config import Params, SampleParams
-from retune.pii import redact
+from retune.pii import KINDS, redact
 from tasks.sample import (
     CHAT_FILE,
     CSV_FILE,
@@ -47,7 +48,7 @@ class Corpus:
 
     def texts(self) -> list[str]:
         out = [c for _, msgs in self.conversations for _, c in msgs if isinstance(c, str)]
-        out += [v for p in self.pairs for v in p.values()]
+        out += [v for p in self.pairs for k, v in p.items() if k != "category"]
         return out + [a for _, a in self.articles]
 
 
@@ -72,7 +73,7 @@ def read_corpus(out: Path) -> Corpus:
     for name, delimiter in ((CSV_FILE, ","), (TSV_FILE, "\t")):
         with open(out / name, encoding="utf-8", newline="") as f:
             rows = list(csv.reader(f, delimiter=delimiter))
-        assert rows[0] == ["conversation_id", "role", "text", "timestamp"]
+        assert rows[0] == ["conversation_id", "role", "text", "timestamp", "category"]
         _add_long(corpus, name, [dict(zip(rows[0], r, strict=True)) for r in rows[1:]])
     _add_long(corpus, PARQUET_FILE, pq.read_table(out / PARQUET_FILE).to_pylist())
     for line in (out / FAQ_FILE).read_text(encoding="utf-8").splitlines():
@@ -191,7 +192,7 @@ def test_each_defect_kind_is_visible_in_the_files(defective: tuple[SampleResult,
 
     missing = count(lambda ms: any(r is None or c is None for r, c in ms))
     missing += sum(1 for o in corpus.chat_objects if "messages" not in o)
-    missing += sum(1 for p in corpus.pairs if set(p) != {"prompt", "completion"})
+    missing += sum(1 for p in corpus.pairs if {"prompt", "completion"} - set(p))
     assert missing == result.defects["missing_field"]
 
     overlong = count(lambda ms: any(isinstance(c, str) and len(c) > MAX_CHARS for _, c in ms))
@@ -220,7 +221,7 @@ def test_clean_text_and_lookalikes_are_never_taken_for_personal_data(tmp_path: P
     assert result.lookalikes > 0
     assert any("serial NWS-" in t for t in texts) and any("NW-T200" in t for t in texts)
     for t in texts:
-        assert not redact(t, ["email", "phone"])[1], t
+        assert not redact(t, KINDS)[1], t
 
 
 def test_overlong_messages_carry_no_personal_data(defective: tuple[SampleResult, Corpus]) -> None:
@@ -228,7 +229,7 @@ def test_overlong_messages_carry_no_personal_data(defective: tuple[SampleResult,
     long_texts = [t for t in corpus.texts() if len(t) > MAX_CHARS]
     assert long_texts
     for t in long_texts:
-        assert not redact(t, ["email", "phone"])[1]
+        assert not redact(t, KINDS)[1]
 
 
 def test_redaction_finds_exactly_the_planted_personal_data(
@@ -237,9 +238,11 @@ def test_redaction_finds_exactly_the_planted_personal_data(
     result, corpus = defective
     found: Counter[str] = Counter()
     for t in corpus.texts():
-        found.update(redact(t, ["email", "phone"])[1])
+        found.update(redact(t, KINDS)[1])
     assert found["email"] == result.defects["email"]
     assert found["phone"] == result.defects["phone"]
+    others = {k: n for k, n in found.items() if k not in ("email", "phone")}
+    assert sum(others.values()) == result.defects["sensitive"] > 0, others
 
 
 def test_default_size_covers_every_category_evenly(tmp_path: Path) -> None:
@@ -307,3 +310,63 @@ def test_a_fresh_clone_rebuilds_exactly_the_dvc_tracked_sample(tmp_path: Path) -
     rebuilt = yaml.safe_load((tmp_path / "incoming.dvc").read_text())["outs"][0]
     tracked = yaml.safe_load((root / "data" / "incoming.dvc").read_text())["outs"][0]
     assert (rebuilt["md5"], rebuilt["nfiles"]) == (tracked["md5"], tracked["nfiles"])
+
+
+def _texts(msgs: Sequence[Sequence[Any]]) -> str:
+    return "\n".join(c for _, c in msgs if isinstance(c, str))
+
+
+def test_hygiene_defects_are_planted_as_counted(defective: tuple[SampleResult, Corpus]) -> None:
+    """Abusive and other-language conversations, as many as reported; angry-but-civil
+    customers in clean conversations, as many as reported."""
+    from tasks.sample import _ABUSE_AGENT, _ABUSE_USER, _COMPLAINTS, _FOREIGN
+
+    result, corpus = defective
+    texts = [_texts(msgs) for _, msgs in corpus.conversations]
+    abusive = sum(1 for t in texts if any(a in t for a in (*_ABUSE_USER, *_ABUSE_AGENT)))
+    foreign = {turns[0][:25] for _, turns in _FOREIGN.values()}
+    other = sum(1 for t in texts if any(t.startswith(f.split("{")[0]) for f in foreign))
+    assert abusive == result.defects["abusive"] >= 1
+    assert other == result.defects["other_language"] >= 1
+    complaints = sum(1 for t in texts if any(c in t for c in _COMPLAINTS))
+    assert complaints == result.complaints
+
+
+def test_every_conversation_and_pair_names_its_category(tmp_path: Path) -> None:
+    from tasks.sample import _CATEGORY_KEYS
+
+    generate(SampleParams(conversations=300, defect_rate=0.0), 5, tmp_path)
+    corpus = read_corpus(tmp_path)
+    assert all(o["category"] in _CATEGORY_KEYS for o in corpus.chat_objects)
+    assert all(p["category"] in _CATEGORY_KEYS for p in corpus.pairs)
+    for name, delimiter in ((CSV_FILE, ","), (TSV_FILE, "\t")):
+        with open(tmp_path / name, encoding="utf-8", newline="") as f:
+            assert {r["category"] for r in csv.DictReader(f, delimiter=delimiter)} <= set(
+                _CATEGORY_KEYS
+            )
+    assert set(pq.read_table(tmp_path / PARQUET_FILE).column("category").to_pylist()) <= set(
+        _CATEGORY_KEYS
+    )
+
+
+def test_paraphrases_are_near_but_never_exact_duplicates() -> None:
+    import random
+
+    import pyarrow as pa
+
+    from retune import dedup
+    from tasks.sample import _conversation, _slots, paraphrase
+
+    rng = random.Random(3)
+    originals, copies = [], []
+    for _ in range(200):
+        _, s = _slots(rng)
+        msgs = _conversation(rng, "billing", s)
+        edited = paraphrase(rng, msgs)
+        assert edited != msgs and [r for r, _ in edited] == [r for r, _ in msgs]
+        originals.append(_texts(msgs))
+        copies.append(_texts(edited))
+    with dedup.sketch_batches([pa.array(originals + copies)], 0.8, 128, 3) as sk:
+        found = {m.index: m.of for m in dedup.deduplicate(sk)}
+    caught = sum(1 for i in range(200) if found.get(200 + i) == i)
+    assert caught >= 190, caught  # paraphrase-level edits stay above Jaccard 0.8

@@ -7,9 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from retune.config import Params, ValidateParams
+from retune.config import HygieneParams, Params, ValidateParams
 from retune.errors import DataValidationError
-from retune.pii import PATTERNS
 from retune.records import ROLE_ORDER_REGEX, Record, read_records, write_records
 from tasks.validate import build_suite, check, error_message, run
 
@@ -48,9 +47,9 @@ def test_suite_is_declared_from_params_and_the_ingest_patterns() -> None:
     assert (suite["text_length"].min_value, suite["text_length"].max_value) == (2, 99)
     assert suite["unique_id"].column == "id"
     assert suite["role_order"].regex == ROLE_ORDER_REGEX
-    # The same regexes ingest redacts with, so the two can never disagree.
-    assert suite["no_email"].regex == PATTERNS["email"]
-    assert suite["no_phone"].regex == PATTERNS["phone"]
+    # The same detector ingest redacts with, kind by kind, so the two can never disagree.
+    assert suite["no_email"].kind == "email"
+    assert suite["no_phone"].kind == "phone"
     assert not any(n.startswith("no_") for n in (e.meta["name"] for e in build_suite(cfg, ())))
 
 
@@ -135,8 +134,11 @@ def test_records_without_the_contract_columns_are_refused() -> None:
 
 @pytest.mark.slow
 def test_run_passes_writes_reports_and_logs_to_mlflow(prepared: Params) -> None:
-    manifest = prepared.paths.prepared / "manifest.json"
+    manifest = prepared.paths.clean / "manifest.json"
     manifest.write_text(json.dumps({"data_version": "ab" * 32, "n_records": 80}))
+    # What hygiene leaves beside the clean records: logged next to the validation report.
+    (prepared.paths.reports).mkdir(parents=True, exist_ok=True)
+    (prepared.paths.reports / "hygiene.json").write_text("{}")
 
     result = run(prepared)
 
@@ -158,14 +160,18 @@ def test_run_passes_writes_reports_and_logs_to_mlflow(prepared: Params) -> None:
     assert mlrun.data.tags["data_version"] == "ab" * 32
     client = MlflowClient(prepared.tracking.uri)
     logged = {a.path for a in client.list_artifacts(result.run_id, "validation")}
-    assert logged == {"validation/validate.json", "validation/validate_docs"}
+    assert logged == {
+        "validation/validate.json",
+        "validation/validate_docs",
+        "validation/hygiene.json",
+    }
     docs = {a.path for a in client.list_artifacts(result.run_id, "validation/validate_docs")}
     assert "validation/validate_docs/index.html" in docs
 
 
 @pytest.mark.slow
 def test_run_stops_bad_data_and_marks_the_mlflow_run_failed(prepared: Params) -> None:
-    path = prepared.paths.prepared / "records.parquet"
+    path = prepared.paths.clean / "records.parquet"
     rows = read_records(path).to_pylist()
     bad = Record(
         messages=(("assistant", "Hello!"), ("user", "Write to bob@example.org")),
@@ -195,3 +201,66 @@ def test_run_stops_bad_data_and_marks_the_mlflow_run_failed(prepared: Params) ->
     (mlrun,) = mlflow_runs(prepared)
     assert mlrun.info.status == "FAILED"
     assert mlrun.data.metrics["validation_success"] == 0.0
+
+
+def _represented(categories: list[str], texts: list[str] | None = None) -> pd.DataFrame:
+    """Records from chat.jsonl with a meta category each, and English (or given) texts."""
+    rows = []
+    for i, category in enumerate(categories):
+        text = texts[i] if texts else f"My {category} order number {i} arrived late, please help."
+        rows.append(
+            Record(
+                messages=(("user", text), ("assistant", "I have looked into it for you.")),
+                source="chat.jsonl",
+                line=i + 1,
+                format="chat_jsonl",
+                meta={"category": category},
+            ).to_row()
+        )
+    return pd.DataFrame(rows)
+
+
+def test_representation_passes_on_balanced_english_records() -> None:
+    df = _represented(["billing", "shipping", "returns", "setup"] * 10)
+    result = check(df, ValidateParams(min_examples=5), REDACT, representation=HygieneParams())
+    assert result.success, error_message(result)
+    share = next(o for o in result.expectations if o.name == "category_share")
+    assert share.observed_value == {c: 0.25 for c in ("billing", "returns", "setup", "shipping")}
+    languages = next(o for o in result.expectations if o.name == "language_share")
+    assert languages.observed_value == {"en": 40}
+
+
+def test_a_rare_category_fails_with_its_share_and_the_setting() -> None:
+    df = _represented(["billing"] * 60 + ["shipping"] * 39 + ["warranty"])
+    result = check(df, ValidateParams(min_examples=5), REDACT, representation=HygieneParams())
+    assert [o.name for o in result.failed] == ["category_share"]
+    message = error_message(result)
+    assert "category 'warranty' holds 1.00% (1 of the 100 records with a meta.category)" in message
+    assert "hygiene.min_category_share=2.0%" in message
+
+
+def test_records_without_categories_skip_the_category_check() -> None:
+    result = check(frame(), ValidateParams(min_examples=5), REDACT, representation=HygieneParams())
+    names = [o.name for o in result.expectations]
+    assert "category_share" not in names and "language_share" in names
+
+
+def test_too_much_text_in_other_languages_fails_and_shows_where() -> None:
+    spanish = "Hola, mi pedido todavía no ha llegado. ¿Dónde está mi termostato nuevo?"
+    texts = [f"My thermostat order number {i} arrived late, please help." for i in range(8)]
+    df = _represented(["billing"] * 10, [*texts, spanish, spanish + " Gracias."])
+    hyg = HygieneParams(min_language_share=0.9)
+    result = check(df, ValidateParams(min_examples=5), REDACT, representation=hyg)
+    assert [o.name for o in result.failed] == ["language_share"]
+    message = error_message(result)
+    assert "only 80.0% of 10 sampled records are in en" in message
+    assert "others: es 2" in message
+    assert "chat.jsonl:9: Hola, mi pedido" in message
+    # Declaring the language accepted makes the same records pass.
+    ok = check(
+        df,
+        ValidateParams(min_examples=5),
+        REDACT,
+        representation=HygieneParams(languages=("en", "es")),
+    )
+    assert ok.success, error_message(ok)

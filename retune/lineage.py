@@ -1,0 +1,162 @@
+"""Where every input conversation went: the change logs stages write, and `retune trace`,
+which reads them (with ingest's quarantine and the record files) for one input file.
+
+Logs: `paths.quarantine`/quarantine.jsonl (ingest), `paths.clean`/changes.jsonl (hygiene),
+`paths.split`/changes.jsonl (split). Each change line names the stage, the reason and the
+original location (`source`, `line`) of the conversation it removed, moved or changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from retune.config import PathsParams
+
+CHANGES_FILE = "changes.jsonl"
+
+
+def data_version(ids: Iterable[str]) -> str:
+    """sha256 over the sorted record ids: ingest's recipe, so equal records give equal
+    versions in every stage."""
+    h = hashlib.sha256()
+    for rid in sorted(ids):
+        h.update(rid.encode("ascii"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def change(
+    stage: str, reason: str, row: dict[str, Any], detail: str, **extra: Any
+) -> dict[str, Any]:
+    """One change-log entry for the record `row` (needs id, conversation_id, source, line)."""
+    return {
+        "stage": stage,
+        "reason": reason,
+        "source": row["source"],
+        "line": row["line"],
+        "id": row["id"],
+        "conversation_id": row["conversation_id"],
+        "detail": detail,
+        **extra,
+    }
+
+
+def write_changes(path: Path, entries: Iterable[dict[str, Any]]) -> int:
+    """Write entries as JSON lines (replacing the file); return how many."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for entry in entries:
+            fh.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+def read_changes(path: Path, source: str | None = None) -> Iterator[dict[str, Any]]:
+    """Entries of a change log (or quarantine.jsonl), optionally only those of `source`."""
+    if not path.exists():
+        return
+    needle = json.dumps(source, ensure_ascii=False) if source is not None else None
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            # Cheap test before parsing: most lines of a big log are about other files.
+            if needle is not None and needle not in line:
+                continue
+            entry: dict[str, Any] = json.loads(line)
+            if source is None or entry.get("source") == source:
+                yield entry
+
+
+@dataclass(frozen=True)
+class Step:
+    """What happened to one input unit (a line, or a table's conversation) of a file."""
+
+    line: int
+    outcome: str  # train | holdout | clean | prepared | quarantined | removed
+    stage: str  # the last stage that decided it
+    record_id: str | None
+    detail: str
+
+
+def _ids(path: Path, source: str) -> dict[str, int]:
+    """id -> line of the records of `source` in a records Parquet file."""
+    if not path.exists():
+        return {}
+    table = pq.read_table(path, columns=["id", "source", "line"], filters=[("source", "=", source)])
+    return dict(zip(table.column("id").to_pylist(), table.column("line").to_pylist(), strict=True))
+
+
+def _members(path: Path, ids: Iterable[str]) -> set[str]:
+    if not path.exists():
+        return set()
+    wanted = list(ids)
+    table = pq.read_table(path, columns=["id"])
+    mask = pc.is_in(table.column("id"), value_set=pa.array(wanted, type=pa.string()))
+    return set(table.column("id").filter(mask).to_pylist())
+
+
+def trace(paths: PathsParams, source: str) -> list[Step]:
+    """Every unit of input file `source` (relative to paths.incoming), in line order, with
+    where it ended up: quarantined by ingest, removed by hygiene, moved by split, or kept as
+    a record in clean / train / holdout."""
+    steps: list[Step] = []
+    for q in read_changes(paths.quarantine / "quarantine.jsonl", source):
+        rows = q.get("rows")
+        where = f" (rows {rows[0]}-{rows[-1]})" if rows and len(rows) > 1 else ""
+        steps.append(
+            Step(
+                int(q["line"]),
+                "quarantined",
+                "ingest",
+                None,
+                f"{q['reason']}{where}: {q['detail']}",
+            )
+        )
+    prepared = _ids(paths.prepared / "records.parquet", source)
+    hygiene = {c["id"]: c for c in read_changes(paths.clean / CHANGES_FILE, source)}
+    moved = {c["id"]: c for c in read_changes(paths.split / CHANGES_FILE, source)}
+    clean_exists = (paths.clean / "records.parquet").exists()
+    split_exists = (paths.split / "train.parquet").exists()
+    remaining = [rid for rid in prepared if rid not in hygiene]
+    train = _members(paths.split / "train.parquet", remaining) if split_exists else set()
+    holdout = _members(paths.split / "holdout.parquet", remaining) if split_exists else set()
+    clean = _members(paths.clean / "records.parquet", remaining) if clean_exists else set()
+    for rid, line in prepared.items():
+        if rid in hygiene:
+            c = hygiene[rid]
+            steps.append(Step(line, "removed", "hygiene", rid, f"{c['reason']}: {c['detail']}"))
+        elif rid in train or rid in holdout:
+            side = "train" if rid in train else "holdout"
+            detail = f"record {rid} in the {side} split"
+            if rid in moved:
+                detail += f" ({moved[rid]['reason']}: {moved[rid]['detail']})"
+            steps.append(Step(line, side, "split", rid, detail))
+        elif rid in clean:
+            steps.append(Step(line, "clean", "hygiene", rid, f"record {rid} (not split yet)"))
+        elif not clean_exists:
+            steps.append(Step(line, "prepared", "ingest", rid, f"record {rid} (hygiene not run)"))
+        else:
+            # Written by ingest, absent from clean, in no log: the logs are out of date.
+            steps.append(
+                Step(line, "missing", "hygiene", rid, f"record {rid}: in no later file or log")
+            )
+    return sorted(steps, key=lambda s: s.line)
+
+
+def summary(steps: list[Step]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in steps:
+        counts[s.outcome] = counts.get(s.outcome, 0) + 1
+    return counts

@@ -46,6 +46,24 @@ lint: setup ## ruff (lint and format check) and mypy
 ui: setup ## browse runs and the model registry: MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
+prefect-server: setup ## Prefect server and UI on http://127.0.0.1:4200 (state in .prefect/)
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+deploy: setup ## serve the retrain, data-check and drift-check deployments (needs make prefect-server)
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/retune deploy
+
+.PHONY: prefect-server deploy
+
+serve: setup ## serve the production model: OpenAI-compatible API on http://127.0.0.1:8000/v1
+	$(BIN)/retune serve
+
+.PHONY: serve
+
+bench: setup ## run the benchmarks and write BENCHMARKS.md (tens of minutes)
+	$(BIN)/python -m benchmarks.run_all
+
+.PHONY: bench
+
 clean: ## remove generated outputs (keeps data/incoming, mlruns and .venv)
 	rm -rf data/prepared data/quarantine data/split models reports
 

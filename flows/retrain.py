@@ -1,4 +1,5 @@
-"""Flow `retrain`: ingest -> validate -> split -> train -> cv -> evaluate -> register -> promote.
+"""Flow `retrain`: ingest -> hygiene -> validate -> split -> train -> cv -> evaluate -> register
+-> promote.
 
 Entered by `retune run` / `make run` (and later by deployments). Each step is the stage's own
 `run(params)` wrapped as a Prefect task, so this flow and `dvc repro` execute the same code.
@@ -15,10 +16,19 @@ from typing import Any
 from prefect import flow
 
 from retune.config import DEFAULT_PARAMS, Params, load_params
+from retune.datastate import (
+    RUN_FINGERPRINT_TAG,
+    incoming_fingerprint,
+    last_fingerprint,
+    record_fingerprint,
+    run_fingerprint,
+)
 from retune.env import configure_environment
 from retune.reports import write_json
 from tasks.cv import CvResult, cv_task, fold_task, summarize_task
 from tasks.evaluate import evaluate_task
+from tasks.export_feedback import export_feedback_task
+from tasks.hygiene import hygiene_task
 from tasks.ingest import ingest_task
 from tasks.promote import promote_task
 from tasks.register import register_task
@@ -28,6 +38,7 @@ from tasks.validate import validate_task
 
 STAGES = (
     ("ingest", ingest_task),
+    ("hygiene", hygiene_task),
     ("validate", validate_task),
     ("split", split_task),
     ("train", train_task),
@@ -48,14 +59,40 @@ def cross_validate(params: Params) -> CvResult:
     return summarize_task(params, [f.result() for f in folds])
 
 
+def _up_to_date(params: Params, fingerprint: str) -> dict[str, Any]:
+    """The summary of a retrain skipped because the last one saw the same data, settings
+    and code: it would rebuild the model it already has."""
+    summary = {"skipped": True, "run_fingerprint": fingerprint, "stages_s": {}, "total_s": 0.0}
+    write_json(params.paths.reports / "flow.json", summary)
+    print(
+        f"up to date: the last retrain used the same data in {params.paths.incoming}, the same "
+        "model settings and the same code; nothing to retrain (`retune run --force` retrains "
+        "anyway)"
+    )
+    return summary
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(
-    params_file: str = str(DEFAULT_PARAMS), overrides: list[str] | None = None
+    params_file: str = str(DEFAULT_PARAMS),
+    overrides: list[str] | None = None,
+    force: bool = False,
+    export_feedback: bool = False,
 ) -> dict[str, Any]:
     """Run every stage in order on `params_file` (+ dotted `overrides`); return stage timings
-    and the registered model, also written to `reports/flow.json`."""
+    and the registered model, also written to `reports/flow.json`. Skips the work when the
+    last completed retrain had the same data, model settings and code, unless `force`.
+    With `export_feedback` (the deployments), users' corrected and well-rated exchanges are
+    first exported into `paths.incoming`, so the retrain learns from them."""
     configure_environment()
     params = load_params(Path(params_file), overrides or [])
+    if export_feedback:
+        export_feedback_task(params)
+    # Taken before ingest reads the folder: data landing mid-run is seen by the next check.
+    incoming = incoming_fingerprint(params.paths.incoming)
+    fingerprint = run_fingerprint(params, incoming)
+    if not force and last_fingerprint(params, RUN_FINGERPRINT_TAG) == fingerprint:
+        return _up_to_date(params, fingerprint)
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
     start = time.perf_counter()
@@ -65,6 +102,8 @@ def retrain(
         timings[name] = round(time.perf_counter() - t0, 2)
         print(f"stage {name} done in {timings[name]:.1f}s")
     total = round(time.perf_counter() - start, 2)
+    # Whatever the gate decided: a rejected model was still trained on this data.
+    record_fingerprint(params, incoming, fingerprint)
     registered, promoted = results["register"], results["promote"]
     summary = {
         "stages_s": timings,

@@ -36,9 +36,11 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file
 STAGE_HELP = {
     "sample": "Write the synthetic sample corpus into paths.incoming (only if it is empty).",
     "ingest": "Read paths.incoming, normalise, quarantine bad rows, write the prepared snapshot.",
-    "validate": "Check the prepared data against the data contract (Great Expectations).",
-    "split": "Split prepared records into train and holdout, by conversation.",
+    "hygiene": "Quarantine abusive text, drop near-duplicates, report what the data represents.",
+    "validate": "Check the clean data against the data contract (Great Expectations).",
+    "split": "Split clean records into train and holdout by conversation, with no leaks.",
     "train": "Fine-tune the model on the train split; start the MLflow run.",
+    "cv": "Cross-validate (evaluate.folds folds): mean and spread of holdout metrics.",
     "evaluate": "Score the model on the holdout against a unigram baseline.",
     "register": "Log the model to MLflow and register a new version.",
     "promote": "Gate the version register just added against production; move the alias.",
@@ -71,12 +73,18 @@ def _guarded(fn: Any, *args: Any) -> Any:
 
 
 @app.command()
-def run(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Run the retraining flow: ingest, validate, split, train, evaluate, register."""
+def run(
+    overrides: Overrides = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    force: Annotated[
+        bool, typer.Option(help="Retrain even if data, model settings and code are unchanged.")
+    ] = False,
+) -> None:
+    """Run the retraining flow: ingest ... register, promote (skipped when nothing changed)."""
     _guarded(_params, params, overrides)  # fail on a bad key before Prefect starts anything
     from flows.retrain import retrain
 
-    _guarded(retrain, str(params), list(overrides or []))
+    _guarded(retrain, str(params), list(overrides or []), force)
 
 
 def _stage_command(name: str) -> None:
@@ -213,6 +221,94 @@ def rollback(
     registry = _registry(params, overrides)
     event = _guarded(registry.rollback, cli_actor(), reason)
     typer.echo(f"{registry.model_name}@production: v{event.from_version} -> v{event.to_version}")
+
+
+@app.command()
+def deploy(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Serve the retrain, data-check and drift-check deployments (Prefect server needed).
+
+    Crons from
+    params.schedule, retrain on drift events) with the Prefect server at PREFECT_API_URL, and
+    run their flow runs here until Ctrl-C."""
+    resolved = _guarded(_params, params, overrides)
+    from flows.deploy import serve_deployments
+
+    _guarded(serve_deployments, params, resolved, list(overrides or []))
+
+
+@app.command()
+def serve(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Serve the production model with an OpenAI-compatible API on 127.0.0.1:8000/v1.
+
+    models:/<register.model_name>@<serve.alias> on serve.host:serve.port, logging every completion and feedback to feedback.store_url."""
+    resolved = _guarded(_params, params, overrides)
+    from retune.serving import serve as serve_api
+
+    _guarded(serve_api, resolved)
+
+
+@app.command()
+def drift(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Check logged feedback and prompts for drift; on drift, trigger retraining.
+
+    The drift_check flow; when
+    it finds drift, emit the Prefect event that starts retraining. Writes reports/drift.json
+    and reports/drift.png. Drift is a finding, not an error: the exit code is 0."""
+    resolved = _guarded(_params, params, overrides)
+    from flows.drift import drift_check
+
+    summary = _guarded(drift_check, str(params), list(overrides or []))
+    for name, check in summary["checks"].items():
+        typer.echo(f"{name}: {check['status']}: {check['reason']}")
+    event = "emitted" if summary["event_emitted"] else "not emitted"
+    typer.echo(
+        f"drift check: {summary['status']} (event {event}); "
+        f"{resolved.paths.reports / 'drift.json'}, MLflow run {summary['mlflow_run_id']}"
+    )
+
+
+@app.command("export-feedback")
+def export_feedback(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Export corrected and well-rated exchanges as new training data.
+
+    A new file in
+    paths.incoming (redacted, only what is new), and `dvc add` the folder when DVC tracks it."""
+    resolved = _guarded(_params, params, overrides)
+    from tasks.export_feedback import run as export_run
+
+    _guarded(export_run, resolved)
+
+
+@app.command()
+def trace(
+    file: Annotated[str, typer.Argument(help="An input file, relative to paths.incoming.")],
+    overrides: Overrides = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Show what happened to each line of one input FILE.
+
+    Each line (or table conversation): kept as a
+    record in train/holdout, quarantined by ingest, removed by hygiene, moved by split."""
+    from retune.lineage import summary
+    from retune.lineage import trace as trace_file
+
+    resolved = _guarded(_params, params, overrides)
+    incoming = resolved.paths.incoming
+    path = Path(file)
+    source = path.relative_to(incoming).as_posix() if path.is_relative_to(incoming) else file
+    steps = trace_file(resolved.paths, source)
+    if not steps:
+        typer.secho(
+            f"error: no record or log entry comes from {source!r}; name the file as it is "
+            f"under {incoming} (e.g. `retune trace support_chats.jsonl`), after running ingest",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
+    rows = [[str(s.line), s.outcome, s.stage, s.detail] for s in steps]
+    typer.echo(_table(["line", "outcome", "stage", "detail"], rows))
+    counts = ", ".join(f"{k} {v}" for k, v in summary(steps).items())
+    typer.echo(f"{source}: {len(steps)} units: {counts}")
 
 
 def main() -> None:

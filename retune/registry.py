@@ -344,6 +344,19 @@ class Registry:
         )
 
 
+def load_version(model_name: str, version: int, log_prefix: str = "registry") -> tuple[Any, Any]:
+    """(model, tokenizer) of a registered version, loaded from the registry (not a local
+    folder), as any client of the registry would get it. MLflow must already point at the
+    store (`Registry.open` does that)."""
+    import mlflow
+
+    print(f"{log_prefix}: loading {model_name} v{version} from the registry", flush=True)
+    components = mlflow.transformers.load_model(
+        f"models:/{model_name}/{version}", return_type="components"
+    )
+    return components["model"], components["tokenizer"]
+
+
 def _json(metrics: Mapping[str, Any]) -> str:
     clean = {
         k: (float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)

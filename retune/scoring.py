@@ -143,8 +143,6 @@ def score_examples(
     values do not depend on `batch_size` (padding is masked out), so two models scored here are
     compared example by example. Sets the model to eval mode; runs on the model's device.
     """
-    import torch
-
     selected = select_holdout(holdout_file, max_examples)
     total = selected.num_rows
     max_len = max_positions(model, max_seq_len)
@@ -156,13 +154,45 @@ def score_examples(
             "train.max_seq_len and the split stage)"
         )
     print(f"{log_prefix}: scoring {total} holdout examples", flush=True)
+    nll_sum, n_tokens, n_correct = score_sequences(
+        model, tokenizer, encoded, batch_size, log_prefix=log_prefix
+    )
+    return pa.table(
+        {
+            "id": selected.column("id"),
+            "conversation_id": selected.column("conversation_id"),
+            "nll_sum": nll_sum,
+            "n_tokens": n_tokens,
+            "n_correct": n_correct,
+        },
+        schema=SCORES_SCHEMA,
+    )
+
+
+def score_sequences(
+    model: Any,
+    tokenizer: Any,
+    encoded: Sequence[list[int]],
+    batch_size: int,
+    *,
+    log_prefix: str = "scoring",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Summed NLL (nats), predicted positions and correct argmax predictions of each token-id
+    sequence (`encode`'s output), in order; padding is masked, so batch_size changes nothing.
+    Sets the model to eval mode; runs on the model's device."""
+    import torch
+
+    total = len(encoded)
+    if total == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.float64), empty, empty.copy()
     model.eval()
     every = max(1, total // 10)
     nll_parts, token_parts, correct_parts = [], [], []
     done = 0
     with torch.inference_mode():
         for start in range(0, total, batch_size):
-            batch = encoded[start : start + batch_size]
+            batch = list(encoded[start : start + batch_size])
             nll_sum, n_tokens, n_correct = _score_batch(model, batch, tokenizer.pad_token_id)
             nll_parts.append(nll_sum)
             token_parts.append(n_tokens)
@@ -171,16 +201,7 @@ def score_examples(
             if end // every > done // every or end == total:
                 print(f"{log_prefix}: scored {end}/{total} examples", flush=True)
             done = end
-    return pa.table(
-        {
-            "id": selected.column("id"),
-            "conversation_id": selected.column("conversation_id"),
-            "nll_sum": np.concatenate(nll_parts),
-            "n_tokens": np.concatenate(token_parts),
-            "n_correct": np.concatenate(correct_parts),
-        },
-        schema=SCORES_SCHEMA,
-    )
+    return np.concatenate(nll_parts), np.concatenate(token_parts), np.concatenate(correct_parts)
 
 
 def aggregate(scores: pa.Table, cache_dir: Path | None = None) -> dict[str, float | int]:
@@ -224,6 +245,44 @@ def _stop_ids(tokenizer: Any) -> list[int]:
     return stop
 
 
+def generate_tokens(
+    model: Any,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    pad_id: int,
+    *,
+    eos_token_id: list[int] | None = None,
+    **generate_kwargs: Any,
+) -> list[list[int]]:
+    """Continue each token-id prompt (left padded into one batch) with `model.generate`; return
+    each row's new tokens. Rows that stopped early are padded with `pad_id` up to the longest.
+
+    `eos_token_id` None keeps the model's generation config stops; `generate_kwargs` go to
+    `generate` as they are (do_sample, temperature, stop_strings with tokenizer, ...).
+    """
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        # Left padding: every prompt ends where generation starts.
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+    if eos_token_id is not None:
+        generate_kwargs["eos_token_id"] = eos_token_id
+    device = _device(model)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            **generate_kwargs,
+        )
+    return [row.tolist() for row in out[:, width:]]
+
+
 def generate_replies(
     model: Any,
     tokenizer: Any,
@@ -241,15 +300,12 @@ def generate_replies(
     padded in a batch; each keeps its end (it holds the question) and leaves room for
     `max_new_tokens` within the model's window.
     """
-    import torch
-
     selected = select_holdout(holdout_file, n, with_reply=True)
     max_len = max_positions(model, max_seq_len)
     new_tokens = max(1, min(max_new_tokens, max_len - 1))
     keep = max(1, max_len - new_tokens)
     stop = _stop_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
-    device = _device(model)
     model.eval()
     ids_col, messages_col = selected.column("id"), selected.column("messages")
     for start in range(0, selected.num_rows, batch_size):
@@ -271,23 +327,10 @@ def generate_replies(
             rows.append({"id": rid, "prompt": prompt, "reference": reference, "generated": ""})
         if not rows:
             continue
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            # Left padding: every prompt ends where generation starts.
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids) :] = 1
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                eos_token_id=stop or None,
-                pad_token_id=pad_id,
-            )
-        for done, generated in zip(rows, out[:, width:], strict=True):
+        out = generate_tokens(
+            model, prompts, new_tokens, pad_id, eos_token_id=stop or None, do_sample=False
+        )
+        for done, generated in zip(rows, out, strict=True):
             done["generated"] = tokenizer.decode(generated, skip_special_tokens=True).strip()
         yield rows
 

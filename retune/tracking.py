@@ -56,3 +56,19 @@ def resume_run(cfg: TrackingParams, run_id: str) -> Iterator[mlflow.ActiveRun]:
     setup_tracking(cfg)
     with mlflow.start_run(run_id=run_id) as run:
         yield run
+
+
+def side_experiment(cfg: TrackingParams, suffix: str) -> str:
+    """Id of the experiment `<cfg.experiment>-<suffix>` (created if missing), for records that
+    are not pipeline runs, such as drift checks. Its artifacts go under `cfg.artifacts/<suffix>`
+    for the same reason as `setup_tracking`'s. MLflow must already point at the store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name = f"{cfg.experiment}-{suffix}"
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    artifacts = (Path(cfg.artifacts) / suffix).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return str(client.create_experiment(name, artifact_location=artifacts.as_uri()))

@@ -16,7 +16,7 @@ from retune.config import Params, PromoteParams
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.gate import Comparison, Decision, GateError, compare, decide
-from retune.registry import GATE_ACTOR, Registry, RegistryError
+from retune.registry import GATE_ACTOR, Registry, RegistryError, load_version
 from retune.reports import read_json, write_json
 
 if TYPE_CHECKING:
@@ -67,25 +67,13 @@ class PromoteResult:
         return dataclasses.asdict(self)
 
 
-def load_registered(model_name: str, version: int) -> tuple[Any, Any]:
-    """(model, tokenizer) of a registered version, loaded from the registry (not a local
-    folder), as any client of the registry would get it."""
-    import mlflow
-
-    print(f"promote: loading {model_name} v{version} from the registry", flush=True)
-    components = mlflow.transformers.load_model(
-        f"models:/{model_name}/{version}", return_type="components"
-    )
-    return components["model"], components["tokenizer"]
-
-
 def score_registered(
     model_name: str, version: int, holdout_file: Path, scoring: ScoringSettings
 ) -> pa.Table:
     """Per-example scores of a registered version on `holdout_file` (today's holdout)."""
     from retune.scoring import score_examples
 
-    model, tokenizer = load_registered(model_name, version)
+    model, tokenizer = load_version(model_name, version, log_prefix="promote")
     return score_examples(
         model,
         tokenizer,

@@ -89,6 +89,7 @@ def test_flow_quarantines_bad_lines_trains_on_the_rest_and_registers(
     assert summary["promotion"] == "promote"  # the first model passes the absolute gates
     assert list(summary["stages_s"]) == [
         "ingest",
+        "hygiene",
         "validate",
         "split",
         "train",
@@ -113,6 +114,17 @@ def test_flow_quarantines_bad_lines_trains_on_the_rest_and_registers(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GENERATED" in proc.stdout
+
+    # Same data, settings and code: the flow notices and trains nothing; a new file retrains.
+    from mlflow import MlflowClient
+
+    again = retrain(params_file(params, tmp_path))
+    assert again["skipped"] is True and again["stages_s"] == {}
+    client = MlflowClient(tracking_uri=params.tracking.uri, registry_uri=params.tracking.uri)
+    assert [v.version for v in client.search_model_versions("name='retune-test'")] == ["1"]
+    (params.paths.incoming / "more.jsonl").write_bytes(good + b"\n")
+    changed = retrain(params_file(params, tmp_path))
+    assert "skipped" not in changed and changed["version"] == 2
 
 
 def test_failed_expectation_stops_before_train_and_registers_nothing(

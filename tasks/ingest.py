@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from retune.config import ColumnsParams, IngestParams, Params
 from retune.entry import stage_main, stage_task
 from retune.errors import IngestError
+from retune.lineage import data_version
 from retune.pii import Redactor, strings_in, with_strings
 from retune.records import ROLES, Record, write_records
 from retune.reports import write_json
@@ -1042,16 +1043,6 @@ def _rows(
                 f"ingest lost rows in {plan.source}: {st.rows} read, {st.accepted} accepted, "
                 f"{st.quarantined} quarantined (a bug in retune: please report it)"
             )
-
-
-def data_version(ids: Iterable[str]) -> str:
-    """sha256 over the sorted record ids: the same records give the same version, whatever the
-    file names or order."""
-    h = hashlib.sha256()
-    for rid in sorted(ids):
-        h.update(rid.encode("ascii"))
-        h.update(b"\n")
-    return h.hexdigest()
 
 
 def ingest(

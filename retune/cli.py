@@ -227,9 +227,8 @@ def rollback(
 def deploy(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Serve the retrain, data-check and drift-check deployments (Prefect server needed).
 
-    Crons from
-    params.schedule, retrain on drift events) with the Prefect server at PREFECT_API_URL, and
-    run their flow runs here until Ctrl-C."""
+    Registers them (crons from params.schedule, retrain on drift events) with the Prefect
+    server at PREFECT_API_URL and runs their flow runs here until Ctrl-C."""
     resolved = _guarded(_params, params, overrides)
     from flows.deploy import serve_deployments
 
@@ -240,7 +239,9 @@ def deploy(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> N
 def serve(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Serve the production model with an OpenAI-compatible API on 127.0.0.1:8000/v1.
 
-    models:/<register.model_name>@<serve.alias> on serve.host:serve.port, logging every completion and feedback to feedback.store_url."""
+    models:/<register.model_name>@<serve.alias> on serve.host:serve.port, logging every
+    completion and feedback to feedback.store_url.
+    """
     resolved = _guarded(_params, params, overrides)
     from retune.serving import serve as serve_api
 
@@ -251,9 +252,10 @@ def serve(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> No
 def drift(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Check logged feedback and prompts for drift; on drift, trigger retraining.
 
-    The drift_check flow; when
-    it finds drift, emit the Prefect event that starts retraining. Writes reports/drift.json
-    and reports/drift.png. Drift is a finding, not an error: the exit code is 0."""
+    The drift_check flow; when it finds drift, emit the Prefect event that starts
+    retraining. Writes reports/drift.json and reports/drift.png. Drift is a finding, not an
+    error: the exit code is 0.
+    """
     resolved = _guarded(_params, params, overrides)
     from flows.drift import drift_check
 
@@ -271,8 +273,9 @@ def drift(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> No
 def export_feedback(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Export corrected and well-rated exchanges as new training data.
 
-    A new file in
-    paths.incoming (redacted, only what is new), and `dvc add` the folder when DVC tracks it."""
+    A new file in paths.incoming (redacted, only what is new), and `dvc add` the folder when
+    DVC tracks it.
+    """
     resolved = _guarded(_params, params, overrides)
     from tasks.export_feedback import run as export_run
 
@@ -287,8 +290,9 @@ def trace(
 ) -> None:
     """Show what happened to each line of one input FILE.
 
-    Each line (or table conversation): kept as a
-    record in train/holdout, quarantined by ingest, removed by hygiene, moved by split."""
+    Each line (or table conversation): kept as a record in train/holdout, quarantined by
+    ingest, removed by hygiene, moved by split.
+    """
     from retune.lineage import summary
     from retune.lineage import trace as trace_file
 

@@ -84,6 +84,10 @@ def write_result(
         "machine": machine(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
+        # Others' work on a shared machine slows a benchmark down; this says how busy it was.
+        "load": "load average 1/5/15 min at the end: "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        + f" on {os.cpu_count()} cores",
         "rows": rows,
     }
     out_dir.mkdir(parents=True, exist_ok=True)

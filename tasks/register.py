@@ -484,7 +484,8 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
         git=git,
         data_version=data_version if isinstance(data_version, str) else None,
         data_counts=counts,
-        metrics=_numbers(evaluation or {}),
+        # Timings are about the run, not the model.
+        metrics={k: v for k, v in _numbers(evaluation or {}).items() if k != "score_s"},
         train_stats=train_stats,
     )
 

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="retune-loop-"))
     params, params_file = demo_params(args.params, work)
     name = params.register.model_name
-    production = Registry.open(params.tracking, name).production
+    production = Registry.open(params.tracking, name).production()
     if production is None:
         raise SystemExit(f"no production version of {name}: run `make run` first")
     url = f"http://127.0.0.1:{free_port()}/api"
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 done = wait_for("the retrain to finish", finished, 3600, every_s=5)
                 figures["retrain_state"] = done.state.name
-                figures["production_after"] = Registry.open(params.tracking, name).production
+                figures["production_after"] = Registry.open(params.tracking, name).production()
                 print(
                     f"loop: retrain {done.state.name}; production is now "
                     f"v{figures['production_after']}",

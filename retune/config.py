@@ -165,6 +165,9 @@ class ScratchModelParams:
     n_layer: Annotated[int, Field(ge=1)] = 4
     n_head: Annotated[int, Field(ge=1)] = 4
     n_embd: Annotated[int, Field(ge=8)] = 256
+    # GPT2Config's 0.1 regularises many epochs; a few hundred steps see most tokens once, where
+    # dropout only slows learning and (on CPU) forces attention off the fused SDPA kernel.
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
 @dataclass(config=_STRICT)
@@ -186,6 +189,9 @@ class TrainParams:
     save_steps: Annotated[int, Field(ge=1)] = 100
     eval_max_examples: Annotated[int, Field(ge=1)] = 200
     resume: bool = True
+    # bf16 autocast (weights and optimizer stay fp32): "auto" takes it where matmuls run natively
+    # in bf16 (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 @dataclass(config=_STRICT)

@@ -163,7 +163,8 @@ def test_run_starts_the_mlflow_run_and_writes_reports(split_params: Params) -> N
     from retune.tracking import resolved_uri
 
     paths = split_params.paths
-    (paths.prepared / "manifest.json").write_text(json.dumps({"data_version": "ab12cd34" * 8}))
+    paths.clean.mkdir(parents=True, exist_ok=True)  # train reads the hygiene stage's manifest
+    (paths.clean / "manifest.json").write_text(json.dumps({"data_version": "ab12cd34" * 8}))
     result = run(split_params)
 
     report = json.loads((paths.reports / "train.json").read_text())

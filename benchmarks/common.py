@@ -247,3 +247,12 @@ def read_report(folder: Path, name: str) -> dict[str, Any]:
 def first_line(m: Measured, text: str) -> float | None:
     """Seconds into the command when a line containing `text` was printed."""
     return next((t for t, line in m.lines if text in line), None)
+
+
+def chosen_sizes(
+    sizes: str | None, smoke: bool, full: tuple[int, ...], smallest: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The sizes a benchmark runs at: `--sizes a,b`, else the smallest with `--smoke`, else all."""
+    if sizes:
+        return tuple(int(s) for s in sizes.split(","))
+    return smallest if smoke else full

@@ -24,6 +24,7 @@ from benchmarks.common import (
     RESULTS,
     ROOT,
     bench_env,
+    chosen_sizes,
     measure,
     row,
     write_params,
@@ -149,13 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the corpora here (reused next time)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
-    sizes = (
-        tuple(int(s) for s in args.sizes.split(","))
-        if args.sizes
-        else SMOKE_SIZES
-        if args.smoke
-        else SIZES
-    )
+    sizes = chosen_sizes(args.sizes, args.smoke, SIZES, SMOKE_SIZES)
     names = stages()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="retune-bench-data-"))
     try:

@@ -21,7 +21,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import PYTHON, RESULTS, bench_env, measure, row, write_params, write_result
+from benchmarks.common import (
+    PYTHON,
+    RESULTS,
+    bench_env,
+    chosen_sizes,
+    measure,
+    row,
+    write_params,
+    write_result,
+)
 
 NAME = "hygiene"
 SIZES = (10_000, 100_000)
@@ -319,13 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated conversation counts")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
-    sizes = (
-        tuple(int(s) for s in args.sizes.split(","))
-        if args.sizes
-        else SMOKE_SIZES
-        if args.smoke
-        else SIZES
-    )
+    sizes = chosen_sizes(args.sizes, args.smoke, SIZES, SMOKE_SIZES)
     rows = near_duplicate_rows(300, 100) if args.smoke else near_duplicate_rows(4_000, 2_000)
     rows += safety_rows(200 if args.smoke else 5_000)
     workdir = Path(tempfile.mkdtemp(prefix="retune-bench-hygiene-"))

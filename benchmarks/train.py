@@ -405,7 +405,8 @@ def run_benchmark(
         # The plain script trains in fp32 unless told otherwise, as a user's would.
         "baseline_bf16": dtype == "bf16",
     }
-    any_bf16 = dtype == "bf16" or resolve_precision(params.train.precision, setup.device) == "bf16"
+    # With --dtype both sides train in it; else the baseline is fp32 and retune as configured.
+    any_bf16 = (dtype or resolve_precision(params.train.precision, setup.device)) == "bf16"
 
     def peak(dtype: str) -> float:
         return matmul_peak(setup.device, dtype, setup.peak_size, setup.peak_seconds)

@@ -75,30 +75,23 @@ def dvc(folder: Path, env: dict[str, str], *args: str) -> Measured:
     return measure([str(BIN / "dvc"), *args], cwd=folder, env=env)
 
 
+def _dvc(folder: Path, env: dict[str, str], *args: str) -> str:
+    """stdout of `dvc <args>` run in `folder`."""
+    return subprocess.run(
+        [str(BIN / "dvc"), *args], cwd=folder, env=env, capture_output=True, text=True, check=True
+    ).stdout
+
+
 def dvc_status(folder: Path, env: dict[str, str]) -> list[str]:
     """Stages `dvc status` says changed, in dvc.yaml order."""
-    out = subprocess.run(
-        [str(BIN / "dvc"), "status", "--json"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = _dvc(folder, env, "status", "--json")
     changed = json.loads(out[out.index("{") :] if "{" in out else "{}")
     return [name for name in changed if not name.endswith(".dvc")]
 
 
 def dag(folder: Path, env: dict[str, str]) -> tuple[list[str], list[tuple[str, str]]]:
     """The pipeline's stages (dvc.yaml order) and its edges, from `dvc dag`."""
-    dot = subprocess.run(
-        [str(BIN / "dvc"), "dag", "--dot"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    dot = _dvc(folder, env, "dag", "--dot")
     stages = [n for n in _NODE.findall(dot) if not n.endswith(".dvc")]
     return stages, _EDGE.findall(dot)
 

@@ -327,6 +327,15 @@ class FeedbackStore:
             assert key is not None
             return int(key[0])
 
+    def _newest(self, query: Any, key: Any, limit: int | None) -> list[dict[str, Any]]:
+        """The rows of `query` with the `limit` highest `key`s (all when None), oldest first."""
+        query = query.order_by(key.desc())
+        if limit is not None:
+            query = query.limit(max(0, limit))
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        return rows[::-1]
+
     def count_interactions(self) -> int:
         with self.engine.connect() as conn:
             return int(
@@ -345,12 +354,8 @@ class FeedbackStore:
         query = sa.select(*(interactions.c[c] for c in INTERACTION_COLUMNS))
         if model_name is not None:
             query = query.where(interactions.c.model_name == model_name)
-        query = query.order_by(interactions.c.seq.desc())
-        if limit is not None:
-            query = query.limit(max(0, limit))
-        with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
-        return _frame(list(reversed(rows)), INTERACTION_COLUMNS)
+        rows = self._newest(query, interactions.c.seq, limit)
+        return _frame(rows, INTERACTION_COLUMNS)
 
     def feedback_frame(
         self, *, limit: int | None = None, model_name: str | None = None
@@ -373,17 +378,13 @@ class FeedbackStore:
         ).join_from(f, i, f.c.interaction_id == i.c.id)
         if model_name is not None:
             query = query.where(i.c.model_name == model_name)
-        query = query.order_by(f.c.id.desc())
-        if limit is not None:
-            query = query.limit(max(0, limit))
-        with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
+        rows = self._newest(query, f.c.id, limit)
         for row in rows:
             score = row["score"]
             row["negative"] = row["rating"] == "down" or (
                 score is not None and score < NEGATIVE_SCORE
             )
-        return _frame(list(reversed(rows)), FEEDBACK_COLUMNS)
+        return _frame(rows, FEEDBACK_COLUMNS)
 
 
 def _frame(rows: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:

@@ -710,6 +710,24 @@ class Redactor:
         """Non-overlapping matches in text order; where two kinds overlap the stronger wins.
 
         `prefilter=False` runs every detector on every text (tests compare the two)."""
+        found = self._matches(text, prefilter)
+        if len(found) < 2:
+            return found
+        found.sort(key=lambda m: (m.priority, m.start, m.start - m.end))
+        kept: list[Match] = []
+        for m in found:
+            if all(m.end <= k.start or m.start >= k.end for k in kept):
+                kept.append(m)
+        kept.sort(key=lambda m: m.start)
+        return kept
+
+    def kinds_in(self, text: str) -> frozenset[str]:
+        """The kinds found in `text`, each exactly as `find(text, (kind,))` alone sees it (kinds
+        that overlap are not resolved against each other): a per-kind check in one pass."""
+        return frozenset(m.kind for m in self._matches(text))
+
+    def _matches(self, text: str, prefilter: bool = True) -> list[Match]:
+        """Every detector's matches, overlaps between kinds kept."""
         found: list[Match] = []
         runs: Runs | None = None
         for kind, gate, candidates, detect in self._checks:
@@ -724,16 +742,7 @@ class Redactor:
                 # The secret gate names the families worth looking for.
                 found.extend(detect(text, candidates, hint))
         # A placeholder of an earlier pass ("://app:[SECRET]@host") is not found again.
-        found = [m for m in found if text[m.start : m.end] not in _PLACEHOLDER_TEXTS]
-        if len(found) < 2:
-            return found
-        found.sort(key=lambda m: (m.priority, m.start, m.start - m.end))
-        kept: list[Match] = []
-        for m in found:
-            if all(m.end <= k.start or m.start >= k.end for k in kept):
-                kept.append(m)
-        kept.sort(key=lambda m: m.start)
-        return kept
+        return [m for m in found if text[m.start : m.end] not in _PLACEHOLDER_TEXTS]
 
     def redact_many(self, texts: list[str]) -> tuple[list[str], Counter[str]]:
         """`redact` over independent texts in one call (joined by NUL: a conversation's
@@ -811,6 +820,11 @@ def _redactor(kinds: tuple[str, ...]) -> Redactor:
 def find(text: str, kinds: Iterable[str] = KINDS) -> list[Match]:
     """Matches of `kinds` in `text` (see `Redactor.find`)."""
     return _redactor(tuple(kinds)).find(text)
+
+
+def kinds_in(text: str, kinds: Iterable[str] = KINDS) -> frozenset[str]:
+    """The `kinds` with a match in `text` (see `Redactor.kinds_in`)."""
+    return _redactor(tuple(kinds)).kinds_in(text)
 
 
 def redact(text: str, kinds: Iterable[str] = KINDS) -> tuple[str, Counter[str]]:

@@ -125,8 +125,8 @@ def test_every_kind_is_on_by_default_in_code_and_params_yaml() -> None:
     assert load_params(ROOT / "params.yaml").ingest.redact == KINDS
 
 
-def test_prefilters_never_hide_a_match() -> None:
-    """`find` skips detectors when a cheap check fails; that must never lose a match."""
+def _mixed_texts() -> list[str]:
+    """The PII corpus, plus its pieces glued together where detectors meet and overlap."""
     from benchmarks.pii_corpus import generate
 
     texts = [ex.text for ex in generate(40, seed=3)]
@@ -134,10 +134,25 @@ def test_prefilters_never_hide_a_match() -> None:
     pieces = [*texts, "+1 (415) 555-0132", "4111 1111 1111 1111", "::ffff:10.0.0.1", "a@b.io",
               " ", "\n", "-", ":", "=", "password=", "Bearer ", "\x00", "2024-05-01",
               "99"]  # fmt: skip
-    texts += ["".join(rng.choices(pieces, k=rng.randint(2, 6))) for _ in range(300)]
+    return texts + ["".join(rng.choices(pieces, k=rng.randint(2, 6))) for _ in range(300)]
+
+
+def test_prefilters_never_hide_a_match() -> None:
+    """`find` skips detectors when a cheap check fails; that must never lose a match."""
     redactor = Redactor(KINDS)
-    for text in texts:
+    for text in _mixed_texts():
         assert redactor.find(text) == redactor.find(text, prefilter=False), text
+
+
+def test_one_pass_names_the_kinds_each_single_kind_check_finds() -> None:
+    """validate asks `kinds_in` once per text for its seven per-kind expectations; each must
+    pass or fail exactly as a check of that kind alone would, overlaps between kinds included."""
+    redactor = Redactor(KINDS)
+    texts = _mixed_texts()
+    found = [redactor.kinds_in(text) for text in texts]
+    assert {k for kinds in found for k in kinds} == set(KINDS)  # every kind is exercised
+    for text, kinds in zip(texts, found, strict=True):
+        assert kinds == {k for k in KINDS if find(text, (k,))}, text
 
 
 def test_redaction_leaves_nothing_validate_would_find() -> None:

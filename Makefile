@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -qq -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install the pinned dependencies
+# Once per clone (not on every make call: starting dvc takes ~0.4 s).
+.dvc/config.local: | $(STAMP)
 	@$(BIN)/dvc config --local core.analytics false 2>/dev/null || true
+
+setup: $(STAMP) .dvc/config.local ## create .venv and install the pinned dependencies
 
 data: setup ## write the sample corpus into data/incoming if it is empty
 	$(BIN)/retune sample

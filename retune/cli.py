@@ -14,6 +14,7 @@ import typer
 import yaml
 
 from retune.config import DEFAULT_PARAMS, ConfigError, Params, load_params, to_plain
+from retune.entry import skip_final_collection
 from retune.env import configure_environment
 from retune.errors import RetuneError
 
@@ -81,9 +82,11 @@ def run(
     ] = False,
 ) -> None:
     """Run the retraining flow: ingest ... register, promote (skipped when nothing changed)."""
-    _guarded(_params, params, overrides)  # fail on a bad key before Prefect starts anything
+    resolved = _guarded(_params, params, overrides)  # a bad key fails before Prefect starts
     from flows.retrain import retrain
+    from flows.startup import warm_start
 
+    warm_start(resolved)
     _guarded(retrain, str(params), list(overrides or []), force)
 
 
@@ -316,4 +319,7 @@ def trace(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        skip_final_collection()

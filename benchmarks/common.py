@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import threading
@@ -120,6 +121,22 @@ def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"  # timestamps of output lines are when they were printed
     env.update(extra or {})
     return env
+
+
+def untimed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    """Run a preparation step that is not part of what a benchmark measures (writing the sample
+    corpus); stop the benchmark with its output if it fails."""
+    done = measure(cmd, cwd=cwd, env=env, echo=False)
+    if done.returncode != 0:
+        raise SystemExit(
+            f"{shlex.join(cmd)} failed (exit {done.returncode}):\n{done.output[-3000:]}"
+        )
+
+
+def command_line(name: str, argv: list[str] | None) -> str:
+    """How benchmark `name` was run, for its results: `python -m benchmarks.<name> <args>`."""
+    args = argv if argv is not None else sys.argv[1:]
+    return shlex.join(["python", "-m", f"benchmarks.{name}", *args])
 
 
 def measure(

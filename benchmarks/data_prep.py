@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,10 @@ from benchmarks.common import (
     ROOT,
     bench_env,
     chosen_sizes,
+    command_line,
     measure,
     row,
+    untimed,
     write_params,
     write_result,
 )
@@ -69,9 +69,7 @@ def prepare_corpus(folder: Path, n: int) -> None:
         return
     shutil.rmtree(folder / "data", ignore_errors=True)
     print(f"data_prep: generating {n:,} conversations in {folder} (not timed)", flush=True)
-    gen = measure([PYTHON, "-m", "tasks.sample"], cwd=params.parent, echo=False)
-    if gen.returncode != 0:
-        raise SystemExit(f"tasks.sample failed ({gen.returncode}):\n{gen.output[-3000:]}")
+    untimed([PYTHON, "-m", "tasks.sample"], params.parent)
 
 
 def _clear_outputs(folder: Path) -> None:
@@ -158,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    command = "python -m benchmarks.data_prep " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    write_result(NAME, command.strip(), to_rows(results), args.out)
+    write_result(NAME, command_line(NAME, argv), to_rows(results), args.out)
     return 0
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from benchmarks.common import (
     RESULTS,
     bench_env,
     chosen_sizes,
+    command_line,
     measure,
     row,
     write_params,
@@ -337,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows += throughput_rows(results)
-    command = "python -m benchmarks.hygiene " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    write_result(NAME, command.strip(), rows, args.out)
+    write_result(NAME, command_line(NAME, argv), rows, args.out)
     return 0
 
 

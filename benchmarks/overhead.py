@@ -15,9 +15,7 @@ validate, split, register, promote, file I/O.
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,10 +26,12 @@ from benchmarks.common import (
     TINY,
     Measured,
     bench_env,
+    command_line,
     first_line,
     measure,
     read_report,
     row,
+    untimed,
     write_params,
     write_result,
 )
@@ -130,16 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = scratch(folder, TINY if args.smoke else {})
         # The corpus is the user's data already in place: generating it is not `make run`.
-        gen = measure([str(BIN / "retune"), "sample"], cwd=folder, env=env, echo=False)
-        if gen.returncode != 0:
-            raise SystemExit(f"retune sample failed:\n{gen.output[-3000:]}")
+        untimed([str(BIN / "retune"), "sample"], folder, env)
         sample, run = make_run(folder, env)
         rows = analyse(folder, sample, run)
     finally:
         if args.workdir is None:
             shutil.rmtree(folder, ignore_errors=True)
-    argv_text = shlex.join(argv if argv is not None else sys.argv[1:])
-    write_result(NAME, f"python -m benchmarks.overhead {argv_text}".strip(), rows, args.out)
+    write_result(NAME, command_line(NAME, argv), rows, args.out)
     return 0
 
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,9 +30,11 @@ from benchmarks.common import (
     TINY,
     Measured,
     bench_env,
+    command_line,
     measure,
     read_report,
     row,
+    untimed,
     write_params,
     write_result,
 )
@@ -223,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             write_params(folder / "params.yaml", TINY, base=folder / "params.yaml")
         env = bench_env({"PREFECT_HOME": str(folder / ".prefect")})
-        gen = measure([*RETUNE, "sample"], cwd=folder, env=env, echo=False)
-        if gen.returncode != 0:
-            raise SystemExit(f"retune sample failed:\n{gen.output[-3000:]}")
+        untimed([*RETUNE, "sample"], folder, env)
         rows: list[dict[str, Any]] = []
         if "flow" in parts:
             rows += flow_part(folder, env)
@@ -234,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(folder, ignore_errors=True)
-    argv_text = shlex.join(argv if argv is not None else sys.argv[1:])
-    write_result(NAME, f"python -m benchmarks.reruns {argv_text}".strip(), rows, args.out)
+    write_result(NAME, command_line(NAME, argv), rows, args.out)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import secrets
-import shlex
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, row, write_result
+from benchmarks.common import ROOT, command_line, row, write_result
 from retune.config import Params, load_params
 from retune.env import configure_environment
 
@@ -205,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         row("feedback_stored", stored, "rows", "== feedback_sent",
             "OK" if stored == sent == ok else "MISMATCH"),
     ]  # fmt: skip
-    command = "python -m benchmarks.serve " + shlex.join(argv if argv is not None else sys.argv[1:])
     write_result(
-        "serve", command.strip(), rows, **({"out_dir": args.out_dir} if args.out_dir else {})
+        "serve",
+        command_line("serve", argv),
+        rows,
+        **({"out_dir": args.out_dir} if args.out_dir else {}),
     )
     return 0 if stored == sent == ok else 1
 

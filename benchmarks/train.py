@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.common import RESULTS, ROOT, row, write_result
+from benchmarks.common import RESULTS, ROOT, command_line, row, write_result
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -645,8 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: scratch folder kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    command = shlex.join(["python", "-m", "benchmarks.train", *(argv or sys.argv[1:])])
-    write_result(NAME, command, rows, args.out)
+    write_result(NAME, command_line(NAME, argv), rows, args.out)
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,15 @@ ABSOLUTE_GATES: tuple[tuple[str, str, Literal["max", "min"]], ...] = (
     ("max_unsafe_share", "unsafe_share", "max"),
     ("min_next_token_accuracy", "next_token_accuracy", "min"),
 )
+
+# Metrics of generated replies: they exist only when the holdout has conversations to reply
+# to. `evaluate` counts those as REPLY_EXAMPLES; when it counted none (a corpus of plain
+# documents), a gate on such a metric does not apply, rather than failing closed.
+REPLY_METRICS = frozenset({"unsafe_share"})
+REPLY_EXAMPLES = "n_reply_examples"
+
+# Metrics a diverged training leaves infinite or NaN; any one of them rejects the candidate.
+DIVERGENCE_METRICS = ("perplexity", "mean_nll", "loss", "train_loss", "eval_loss")
 
 
 class GateError(RetuneError):
@@ -52,11 +61,11 @@ class Comparison:
 
     @property
     def candidate_perplexity(self) -> float:
-        return math.exp(self.candidate_nll)
+        return _exp(self.candidate_nll)
 
     @property
     def champion_perplexity(self) -> float:
-        return math.exp(self.champion_nll)
+        return _exp(self.champion_nll)
 
     @property
     def relative(self) -> float:
@@ -88,6 +97,7 @@ class Decision:
     ci_high: float | None = None
     forced: bool = False
     failures: tuple[str, ...] = ()  # absolute gates the candidate missed
+    not_applicable: tuple[str, ...] = ()  # absolute gates whose metric this data cannot have
 
     @property
     def alias(self) -> str | None:
@@ -95,9 +105,17 @@ class Decision:
         return ALIASES.get(self.outcome)
 
 
+def _exp(value: float) -> float:
+    """exp that says inf where math.exp overflows (past ~709): a diverged model's perplexity."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
 def _relative(improvement: float) -> float:
     # candidate ppl / champion ppl = exp(-improvement)
-    return 1.0 - math.exp(-improvement)
+    return 1.0 - _exp(-improvement)
 
 
 def _per_conversation(table: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -203,33 +221,76 @@ def _num(value: float) -> str:
     return f"{value:.4g}"
 
 
-def check_absolute(metrics: Mapping[str, Any], cfg: PromoteParams) -> tuple[list[str], list[str]]:
-    """(failures, passes): each a short phrase naming the metric, its value and the setting.
+def _number(value: Any) -> float | None:
+    """`value` as a float if it is a number (inf and NaN included), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
-    A gated metric that is missing or not a number fails: a gate that cannot look is closed.
+
+def diverged(metrics: Mapping[str, Any]) -> str | None:
+    """Why the candidate's training diverged (a loss or perplexity that is inf or NaN), or None.
+
+    Such a model cannot be compared: its per-token figures are no longer numbers to weigh.
     """
-    failures: list[str] = []
-    passes: list[str] = []
+    bad = [
+        f"{name} is {value}"
+        for name in DIVERGENCE_METRICS
+        if (value := _number(metrics.get(name))) is not None and not math.isfinite(value)
+    ]
+    if not bad:
+        return None
+    return f"the model diverged: {', '.join(bad)}; lower train.learning_rate"
+
+
+class AbsoluteChecks(NamedTuple):
+    """What the absolute gates found: each entry a short phrase naming the metric, its value
+    and the setting."""
+
+    failures: list[str]
+    passes: list[str]
+    not_applicable: list[str]
+
+
+def _not_applicable(metric: str, metrics: Mapping[str, Any]) -> bool:
+    """True if `metric` cannot exist for this data: a reply metric and no conversation in the
+    holdout to reply to. A count that is missing says nothing, and the gate stays closed."""
+    return metric in REPLY_METRICS and _number(metrics.get(REPLY_EXAMPLES)) == 0
+
+
+def check_absolute(metrics: Mapping[str, Any], cfg: PromoteParams) -> AbsoluteChecks:
+    """The absolute gates on `metrics`: failures, passes and the ones that do not apply.
+
+    A gated metric that is missing fails (a gate that cannot look is closed), unless the data
+    cannot have it: reply metrics of a holdout without conversations (`REPLY_EXAMPLES` 0).
+    A metric that is inf or NaN fails.
+    """
+    out = AbsoluteChecks([], [], [])
     for setting, metric, side in ABSOLUTE_GATES:
         threshold = getattr(cfg, setting)
         if threshold is None:
             continue
-        value = metrics.get(metric)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(float(value))
-        ):
-            failures.append(
+        value = _number(metrics.get(metric))
+        if value is None and _not_applicable(metric, metrics):
+            out.not_applicable.append(
+                f"promote.{setting} does not apply: the holdout has no conversations (documents "
+                f"only), so no replies were generated and there is no {metric}"
+            )
+        elif value is None:
+            out.failures.append(
                 f"{metric} is missing from the candidate's metrics, so promote.{setting} "
                 f"cannot be checked (the gate fails closed; promote.{setting}: null turns it off)"
             )
-            continue
-        ok = value <= threshold if side == "max" else value >= threshold
-        sign = ("≤" if ok else ">") if side == "max" else ("≥" if ok else "<")
-        phrase = f"{metric} {_num(value)} {sign} promote.{setting}={_num(threshold)}"
-        (passes if ok else failures).append(phrase)
-    return failures, passes
+        elif not math.isfinite(value):
+            out.failures.append(
+                f"{metric} is {value}, not a finite number: promote.{setting} fails"
+            )
+        else:
+            ok = value <= threshold if side == "max" else value >= threshold
+            sign = ("≤" if ok else ">") if side == "max" else ("≥" if ok else "<")
+            phrase = f"{metric} {_num(value)} {sign} promote.{setting}={_num(threshold)}"
+            (out.passes if ok else out.failures).append(phrase)
+    return out
 
 
 def _lower(fraction: float) -> str:
@@ -269,7 +330,9 @@ def decide(
 ) -> Decision:
     """Decide what happens to a candidate.
 
-    - A missed absolute gate rejects it, however it compares with production.
+    - A diverged training (inf or NaN loss or perplexity) rejects it, saying so.
+    - A missed absolute gate rejects it, however it compares with production. A gate whose
+      metric this data cannot have (`check_absolute`) does not apply, and the reason says so.
     - With no production yet (`champion_metrics` None), passing the gates is enough.
     - Otherwise it must beat production by more than the noise: the lower bound of the
       bootstrap CI of the improvement (nats/token) must exceed `cfg.margin`.
@@ -281,9 +344,13 @@ def decide(
     who = f"production v{compared_version}" if compared_version is not None else "production"
     ci_low = comparison.ci_low if comparison is not None else None
     ci_high = comparison.ci_high if comparison is not None else None
-    failures, passes = check_absolute(candidate_metrics, cfg)
+    failures, passes, not_applicable = check_absolute(candidate_metrics, cfg)
+    divergence = diverged(candidate_metrics)
     verdict: Outcome
-    if failures:
+    if divergence is not None:
+        # Nothing else about such a model is worth weighing, a comparison least of all.
+        verdict, text = "reject", divergence
+    elif failures:
         verdict, text = "reject", "failed the absolute gates: " + "; ".join(failures)
     elif champion_metrics is None:
         verdict = "promote"
@@ -306,6 +373,8 @@ def decide(
             f"not better than {who} beyond the noise: {_versus(comparison, who)}; the CI's "
             f"lower bound {comparison.ci_low:+.4f} does not exceed promote.margin={cfg.margin:g}"
         )
+    if not_applicable and divergence is None:
+        text += "; " + "; ".join(not_applicable)
 
     if forced:
         if not reason or not reason.strip():
@@ -317,8 +386,16 @@ def decide(
             ci_high=ci_high,
             forced=True,
             failures=tuple(failures),
+            not_applicable=tuple(not_applicable),
         )
     if verdict == "promote" and cfg.mode == "propose":
         verdict = "propose"
         text += "; promote.mode=propose, so it is proposed as challenger for a person to promote"
-    return Decision(verdict, text, ci_low, ci_high, failures=tuple(failures))
+    return Decision(
+        verdict,
+        text,
+        ci_low,
+        ci_high,
+        failures=tuple(failures),
+        not_applicable=tuple(not_applicable),
+    )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from retune.config import Params, PromoteParams
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
-from retune.gate import Comparison, Decision, GateError, compare, decide
+from retune.gate import Comparison, Decision, GateError, compare, decide, diverged
 from retune.registry import GATE_ACTOR, Registry, RegistryError, load_version
 from retune.reports import read_json, write_json
 
@@ -48,6 +48,7 @@ class PromoteResult:
     reason: str
     forced: bool
     alias: str | None  # the alias moved to `version`, None when rejected
+    not_applicable: list[str]  # absolute gates this data cannot be judged by, and why
     compared_version: int | None  # production when the gate ran
     production: int | None  # production after the decision
     candidate_metrics: dict[str, float]
@@ -123,7 +124,8 @@ def gate(
     Scores production (loaded from the registry) on the holdout with `scoring`, bootstraps
     the paired difference against `candidate_scores`, decides, tags the version with the
     decision and moves the alias the decision names (recorded in the promotion history).
-    `candidate_scores` None (forced only) skips the comparison.
+    `candidate_scores` None (forced only) skips the comparison, and so does a candidate whose
+    training diverged (`retune.gate.diverged`): it is rejected with that reason.
     """
     from retune.scoring import aggregate
 
@@ -132,7 +134,10 @@ def gate(
         raise RegistryError(f"{registry.model_name} v{version} is already production")
     champion_metrics: dict[str, float] | None = None
     comparison: Comparison | None = None
-    if production is not None and candidate_scores is not None:
+    # A diverged candidate is rejected on its own figures: comparing infinities would say
+    # nothing (and scoring production for it is wasted time).
+    divergence = diverged(candidate_metrics)
+    if production is not None and candidate_scores is not None and divergence is None:
         champion_scores = score_registered(registry.model_name, production, holdout_file, scoring)
         _same_examples(candidate_scores, champion_scores, scores_source)
         champion_metrics = _numbers(aggregate(champion_scores))
@@ -140,7 +145,8 @@ def gate(
             candidate_scores, champion_scores, cfg.confidence, cfg.bootstrap_samples, seed
         )
     elif production is not None:
-        champion_metrics = {}  # production exists; it was not scored (forced, no holdout)
+        # Production exists and was not scored (forced with no holdout, or a diverged candidate).
+        champion_metrics = {}
 
     decision: Decision = decide(
         candidate_metrics,
@@ -170,6 +176,7 @@ def gate(
         reason=decision.reason,
         forced=decision.forced,
         alias=decision.alias,
+        not_applicable=list(decision.not_applicable),
         compared_version=production,
         production=registry.production(),
         candidate_metrics=dict(candidate_metrics),

@@ -109,23 +109,22 @@ def test_a_missing_gated_metric_fails_closed() -> None:
 
 def test_every_absolute_gate_names_its_setting() -> None:
     cfg = dataclasses.replace(CFG, min_next_token_accuracy=0.3)
-    failures, passes = check_absolute(
-        {
-            "perplexity": 250.0,
-            "perplexity_vs_baseline": 1.5,
-            "unsafe_share": 0.0,
-            "next_token_accuracy": float("nan"),
-        },
-        cfg,
+    checks = check_absolute(
+        {"perplexity": 250.0, "perplexity_vs_baseline": 1.5, "unsafe_share": 0.0}, cfg
     )
-    assert failures == [
+    assert checks.failures == [
         "perplexity 250 > promote.max_perplexity=100",
         "perplexity_vs_baseline 1.5 > promote.max_perplexity_vs_baseline=1",
         "next_token_accuracy is missing from the candidate's metrics, so "
         "promote.min_next_token_accuracy cannot be checked (the gate fails closed; "
         "promote.min_next_token_accuracy: null turns it off)",
     ]
-    assert passes == ["unsafe_share 0 ≤ promote.max_unsafe_share=0.05"]
+    assert checks.passes == ["unsafe_share 0 ≤ promote.max_unsafe_share=0.05"]
+    assert checks.not_applicable == []
+    nan = check_absolute({**GOOD, "next_token_accuracy": float("nan")}, cfg)
+    assert nan.failures == [
+        "next_token_accuracy is nan, not a finite number: promote.min_next_token_accuracy fails"
+    ]
 
 
 def test_propose_mode_proposes_instead_of_promoting() -> None:
@@ -211,3 +210,58 @@ def test_different_token_counts_are_flagged() -> None:
     assert not result.same_tokenization
     decision = decide(GOOD, {"perplexity": 5.0}, result, CFG)
     assert "tokenizers count the holdout's tokens differently" in decision.reason
+
+
+def _diverged_scores(n: int = 40) -> tuple[pa.Table, pa.Table]:
+    """Per-example scores of a model trained at a huge learning rate (about 800 nats/token:
+    perplexity overflows to inf) and of a sane production model, on the same examples."""
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(20, 120, n)
+    return _scores(rng.uniform(780, 820, n) * tokens, tokens), _scores(
+        rng.gamma(4.0, 0.4, n) * tokens, tokens
+    )
+
+
+def test_a_diverged_candidate_is_rejected_with_the_reason_never_a_crash() -> None:
+    diverged = {"perplexity": float("inf"), "mean_nll": 800.0, "unsafe_share": 0.0}
+    expected = "the model diverged: perplexity is inf; lower train.learning_rate"
+    first = decide(diverged, None, None, CFG)
+    assert (first.outcome, first.alias, first.reason) == ("reject", None, expected)
+    assert "perplexity is inf, not a finite number: promote.max_perplexity fails" in (
+        first.failures
+    )
+    # The paired bootstrap against production still works on such scores, and says worse.
+    candidate, champion = _diverged_scores()
+    comparison = compare(candidate, champion, n_resamples=200)
+    assert comparison.candidate_perplexity == float("inf")
+    assert comparison.relative == float("-inf") and comparison.ci_high < 0
+    assert comparison.to_dict()["relative_ci_low"] == float("-inf")
+    against = decide(diverged, {"perplexity": 5.0}, comparison, CFG, None, None, 1)
+    assert (against.outcome, against.reason) == ("reject", expected)
+    # NaN (a loss that blew up to not-a-number) is divergence too.
+    nan = decide({**GOOD, "mean_nll": float("nan")}, None, None, CFG)
+    assert nan.outcome == "reject" and nan.reason.startswith("the model diverged: mean_nll is nan")
+    # ... and a worse but finite model is only worse: its reason still has the numbers.
+    assert (
+        "holdout perplexity inf vs production v1's"
+        in decide(GOOD, {"perplexity": 5.0}, comparison, CFG, None, None, 1).reason
+    )
+
+
+def test_reply_gates_do_not_apply_to_a_holdout_without_conversations() -> None:
+    documents = {"perplexity": 5.2, "perplexity_vs_baseline": 0.1, "n_reply_examples": 0}
+    decision = decide(documents, None, None, CFG)
+    assert decision.outcome == "promote" and decision.failures == ()
+    note = (
+        "promote.max_unsafe_share does not apply: the holdout has no conversations (documents "
+        "only), so no replies were generated and there is no unsafe_share"
+    )
+    assert decision.not_applicable == (note,)
+    assert decision.reason.endswith(note)
+    # Conversations to reply to, and no unsafe_share: it should exist, so the gate stays closed.
+    missing = decide({**documents, "n_reply_examples": 12}, None, None, CFG)
+    assert missing.outcome == "reject" and "unsafe_share is missing" in missing.reason
+    assert missing.not_applicable == ()
+    # A measured unsafe_share is checked whatever the count says.
+    unsafe = decide({**documents, "unsafe_share": 0.5}, None, None, CFG)
+    assert unsafe.outcome == "reject" and unsafe.not_applicable == ()

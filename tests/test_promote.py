@@ -355,3 +355,59 @@ def test_a_failed_gate_never_serves_and_production_is_served_by_its_alias(
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     assert len(predictions) == 1 and predictions[0].strip()
+
+
+def diverged_copy(params: Params, base: Path, out: Path) -> Path:
+    """`base` trained by the real train core at train.learning_rate=50: the weights blow up
+    and the holdout perplexity overflows to inf (mean NLL in the tens of thousands)."""
+    import dataclasses
+
+    from retune.training import train
+
+    train_file = params.paths.split / "train.parquet"
+    rows = (
+        Record(messages=tuple(c), source="train.jsonl", line=i + 1, format="chat_jsonl").to_row()
+        for i, c in enumerate(make_conversations(80))
+    )
+    write_records(rows, train_file)
+    cfg = dataclasses.replace(params.train, base_model=str(base), learning_rate=50.0)
+    holdout = params.paths.split / "holdout.parquet"
+    train(cfg, params.seed, train_file, holdout, out, params.paths.checkpoints)
+    return out
+
+
+@pytest.mark.slow
+def test_a_diverged_retrain_is_rejected_with_the_reason_and_the_gate_reruns(
+    params: Params, candidates: dict[str, Path], tmp_path: Path
+) -> None:
+    import yaml
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from retune.cli import app
+    from retune.config import to_plain
+    from tasks.promote import promote_version
+    from tasks.promote import run as promote
+
+    registry = Registry.open(params.tracking, "retune-test")
+    v1 = register_candidate(params, candidates["fair"])
+    promote(params)
+    v2 = register_candidate(params, diverged_copy(params, candidates["fair"], tmp_path / "lr50"))
+    assert read_json(params.paths.reports / "evaluate.json")["perplexity"] == float("inf")
+
+    reason = "the model diverged: perplexity is inf; lower train.learning_rate"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(to_plain(params)))
+    for _ in range(2):  # `retune gate` again on the same version decides the same
+        gated = CliRunner().invoke(app, ["gate", "--params", str(params_file)])
+        assert gated.exit_code == 0, gated.output
+        assert f"retune-test v{v2} REJECTED (stays registered, not production): {reason}" in (
+            gated.output
+        )
+        assert registry.production() == v1
+        assert read_json(params.paths.reports / "promote.json")["reason"] == reason
+        tags = MlflowClient().get_model_version("retune-test", str(v2)).tags
+        assert (tags["gate.decision"], tags["gate.reason"]) == ("reject", reason)
+    # A person's promotion scores it afresh, and is refused for the same reason.
+    refused = promote_version(params, v2, ACTOR)
+    assert (refused.outcome, refused.reason, refused.production) == ("reject", reason, v1)

@@ -41,6 +41,9 @@ class EvaluateResult:
     n_examples: int
     n_tokens: int
     mean_nll: float
+    # Holdout records with an assistant turn: what replies can be generated for. 0 (documents
+    # only) tells the gate that reply metrics cannot exist, rather than that they went missing.
+    n_reply_examples: int
     n_generated: int  # replies generated and scored; the reply metrics are None when 0
     rouge_l: float | None
     chrf: float | None
@@ -81,6 +84,14 @@ def unigram_perplexity(train_counts: np.ndarray, eval_counts: np.ndarray) -> flo
     log_p = np.log(train_counts + 1.0) - math.log(float(train_counts.sum()) + len(train_counts))
     mean_nll = -float(np.dot(eval_counts.astype(np.float64), log_p)) / n_eval
     return math.exp(mean_nll)
+
+
+def count_reply_examples(holdout_file: Path) -> int:
+    """Records of `holdout_file` with an assistant turn (conversations, not documents)."""
+    import pyarrow.compute as pc
+
+    roles = pq.read_table(holdout_file, columns=["roles"]).column("roles")
+    return int(pc.sum(pc.match_substring(roles, "assistant")).as_py() or 0)
 
 
 def _train_counts(train_file: Path, tokenizer: Any, max_len: int) -> np.ndarray:
@@ -167,6 +178,7 @@ def score(
         n_examples=int(figures["n_examples"]),
         n_tokens=int(figures["n_tokens"]),
         mean_nll=float(figures["mean_nll"]),
+        n_reply_examples=count_reply_examples(holdout_file),
         n_generated=int(replies["n_generated"]),
         rouge_l=reply("rouge_l"),
         chrf=reply("chrf"),

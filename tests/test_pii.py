@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -169,6 +170,98 @@ def test_many_texts_redact_as_one_and_keep_their_boundaries() -> None:
     out, counts = redactor.redact_many(texts)
     assert out == ["call [PHONE]", "2024-05-01T10:00:00Z", "4111 1111", "1111 1111", "x\x00y"]
     assert counts == {"phone": 1}
+
+
+class _Reads:
+    """A compiled pattern that counts the characters its searches and matches read."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern, self.read = pattern, 0
+
+    def search(self, text: str, pos: int = 0) -> re.Match[str] | None:
+        found = self.pattern.search(text, pos)
+        self.read += (found.end() if found else len(text)) - pos
+        return found
+
+    def match(self, text: str, pos: int = 0) -> re.Match[str] | None:
+        found = self.pattern.match(text, pos)
+        self.read += (found.end() if found else pos) - pos
+        return found
+
+
+def _pathological(size: int) -> dict[str, tuple[str, str, dict[str, int]]]:
+    """Texts of `size` characters that made a detector read the rest of the text per line or
+    per value: name -> (text, its redaction, counts)."""
+    begin = "-----BEGIN RSA PRIVATE KEY-----\n"
+    lines = size // len(begin)
+    dollars = size // len("pwd=$")
+    return {
+        "BEGIN lines, no END": (begin * lines, "[SECRET]\n" * lines, {"secret": lines}),
+        # The first BEGIN line runs to the one END line: the whole text is one block.
+        "BEGIN lines, one END": (begin * lines + PEM, "[SECRET]", {"secret": 1}),
+        "BEGIN and blanks": (
+            "-----BEGIN PRIVATE KEY-----" + " \t" * (size // 2) + "!",
+            "[SECRET]" + " \t" * (size // 2) + "!",
+            {"secret": 1},
+        ),
+        # Every value starts with "$" (a placeholder) and holds the next assignment.
+        "nested placeholder values": (
+            "pwd=$" * dollars + "pwd=hunter22!x",
+            "pwd=$" * dollars + "pwd=[SECRET]",
+            {"secret": 1},
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_pathological(100)))
+def test_pathological_secret_texts_are_redacted_reading_each_character_a_few_times(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """400 KB of BEGIN lines without an END line took minutes: each line's search for its END
+    read the rest of the text. The END, NUL and value searches now read the text about once."""
+    import retune.pii as pii
+
+    text, redacted, counts = _pathological(400_000)[name]
+    reads = {n: _Reads(getattr(pii, n)) for n in ("_KEY_END_RE", "_NUL", "_VALUE_RUN")}
+    for n, counting in reads.items():
+        monkeypatch.setattr(pii, n, counting)
+    assert redact(text) == (redacted, counts)
+    for n, counting in reads.items():
+        assert counting.read <= 2 * len(text), n
+
+
+def test_secret_families_find_what_their_patterns_match() -> None:
+    """`_private_keys` and `_assignments` find the spans their `_SECRET_FAMILIES` patterns
+    describe (on texts small enough for those patterns' worst cases)."""
+    from retune.pii import _SECRET_FAMILIES, _assignments, _private_keys, _value_ok
+
+    rng = random.Random(2)
+    pieces = ["-----BEGIN RSA PRIVATE KEY-----", "-----END RSA PRIVATE KEY-----", "\n", " ",
+              "\t", "\x00", "MIIEowIBAAKCAQEAvRk3", "Proc-Type: 4,ENCRYPTED", "-----END ",
+              "-----BEGIN PGP PRIVATE KEY BLOCK-----", "password=", "pwd: ", "token=\"", "$",
+              "your_", "XXXXXXXX", "aaaaaaaa", "hunter22", ".", ",", ":", "!", "=", "x1",
+              "required", "Passwort: ", "Tr0ub4dor&3", "A1b2C3d4E5f6G7h8I9j0"]  # fmt: skip
+    key = re.compile(_SECRET_FAMILIES["private_key"])
+    assignment = re.compile(_SECRET_FAMILIES["assignment"])
+    for _ in range(3000):
+        text = "".join(rng.choices(pieces, k=rng.randint(1, 14)))
+        assert list(_private_keys(text)) == [m.span() for m in key.finditer(text)], text
+        expected, pos = [], 0
+        while a := assignment.search(text, pos):
+            start, value = a.start("assignment"), a["assignment"].rstrip(".,:!?")
+            if len(value) >= 8 and _value_ok(text, start, start + len(value)):
+                expected.append((start, start + len(value)))
+                pos = a.end()
+            else:
+                pos = start
+        assert list(_assignments(text)) == expected, text
+
+
+def test_many_matches_resolve_in_one_pass() -> None:
+    text = "mail a@b.io or call 415-555-0132; " * 3000
+    out, counts = redact(text)
+    assert out == "mail [EMAIL] or call [PHONE]; " * 3000
+    assert counts == {"email": 3000, "phone": 3000}
 
 
 def test_placeholders_are_single_tokens_of_the_scratch_tokenizer() -> None:

@@ -380,10 +380,27 @@ def load_params(path: Path = DEFAULT_PARAMS, overrides: list[str] | None = None)
     """Read `path` (YAML), apply dotted overrides, and return the validated `Params`."""
     if not path.exists():
         raise ConfigError(f"{path}: not found (run from the repository root, or pass --params)")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file; --params takes a YAML file such as params.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        # Most likely a truncated or overwritten file: running on defaults would hide that.
+        raise ConfigError(
+            f"{path}: empty; restore it (`git checkout -- {path}`) or write at least the "
+            "sections you change (keys left out take their defaults)"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return parse_params(apply_overrides(raw, overrides or []), source=str(path))

@@ -16,6 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retune.errors import MissingInputError
+
 # "text" marks a plain document (from .txt or a text-only table): no speakers, no template.
 ROLES = ("system", "user", "assistant", "text")
 
@@ -97,10 +99,13 @@ def write_records(rows: Iterable[dict[str, Any]], path: Path, batch_size: int = 
     return n
 
 
-def read_records(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """Read a records Parquet file written by `write_records`."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no records here; run the stage that writes it first")
+def read_records(
+    path: Path, columns: list[str] | None = None, written_by: str | None = None
+) -> pa.Table:
+    """Read a records Parquet file written by `write_records`; a missing one is a
+    MissingInputError naming `written_by`, the stage to run first."""
+    if not path.is_file():
+        raise MissingInputError(path, written_by)
     return pq.read_table(path, columns=columns)
 
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from retune.errors import MissingInputError, RetuneError
+
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Write `data` as stable, indented JSON (sorted keys keep DVC diffs readable)."""
@@ -16,8 +18,16 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+def read_json(path: Path, written_by: str | None = None) -> dict[str, Any]:
+    """Read a report; a missing one is a MissingInputError naming `written_by`, the stage to
+    run first, and a damaged one (a half-copied file, an edit) a RetuneError saying so."""
+    if not path.is_file():
+        raise MissingInputError(path, written_by)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        rerun = f"rerun `retune {written_by}`" if written_by else "rerun the stage that wrote it"
+        raise RetuneError(f"{path}: not a readable JSON report ({exc}); {rerun}") from None
+    if not isinstance(data, dict):
+        raise RetuneError(f"{path}: not a JSON object; rerun the stage that wrote it")
     return data

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from retune import dedup, representation
 from retune.config import HygieneParams, Params
 from retune.entry import stage_main, stage_task
+from retune.errors import MissingInputError
 from retune.lineage import CHANGES_FILE, change, data_version, write_changes
 from retune.records import SCHEMA
 from retune.reports import write_json
@@ -148,7 +149,7 @@ def hygiene(
     started = time.perf_counter()
     prepared = prepared_dir / "records.parquet"
     if not prepared.exists():
-        raise FileNotFoundError(f"{prepared}: no records here; run the ingest stage first")
+        raise MissingInputError(prepared, "ingest")
     index = pq.read_table(prepared, columns=_INDEX_COLUMNS)
     n = index.num_rows
     print(f"hygiene: screening {n:,} records for abusive text", flush=True)

@@ -131,7 +131,7 @@ def _pair(leak: Leak) -> dict[str, Any]:
 def run(params: Params) -> SplitResult:
     """Edge: read the clean records, write train/holdout Parquet, the change log of moved
     records and reports/split.json (with the leaking pairs)."""
-    records = read_records(params.paths.clean / "records.parquet")
+    records = read_records(params.paths.clean / "records.parquet", written_by="hygiene")
     cfg = params.hygiene
     train, holdout, leaks, entries = split_without_leaks(
         records, params.split.holdout_fraction, cfg

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from retune.config import HygieneParams, Params, ValidateParams
 from retune.entry import stage_main, stage_task
 from retune.env import configure_environment
-from retune.errors import DataValidationError
+from retune.errors import DataValidationError, MissingInputError
 from retune.pii import KINDS, PLACEHOLDERS, WORDS
 from retune.pii import kinds_in as pii_kinds_in
 from retune.pii import redact as redact_pii
@@ -926,7 +926,7 @@ def run(params: Params) -> ValidateResult:
     clean = params.paths.clean
     records = clean / "records.parquet"
     if not records.exists():
-        raise FileNotFoundError(f"{records}: no records here; run the hygiene stage first")
+        raise MissingInputError(records, "hygiene")
     print(f"validate: checking {pq.ParquetFile(records).metadata.num_rows} records", flush=True)
     docs_dir = params.paths.reports / "validate_docs"
     data_version = _data_version(clean)

@@ -205,3 +205,62 @@ def rolling_share(flags: Sequence[bool], size: int) -> np.ndarray:
     if x.size > size:
         out[size:] = (sums[size:] - sums[:-size]) / size
     return out
+
+
+# What each check reads: a drift found again in data that has not changed since it was acted on
+# is the same drift, and acting on it again (another retrain) would change nothing.
+CHECK_SOURCES = {"quality": "ratings", "perplexity": "prompts", "prompt_length": "prompts"}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a drift check saw: production's version, and the newest rating (of production)
+    and newest prompt in its window, each by id and time (None when there was none)."""
+
+    production_version: int | None
+    newest_rating_id: str | None = None
+    newest_rating_at: str | None = None
+    newest_prompt_id: str | None = None
+    newest_prompt_at: str | None = None
+
+    def newest(self, source: str) -> tuple[str | None, str | None]:
+        """(id, time) of the newest observation of `source` ("ratings" or "prompts")."""
+        if source == "ratings":
+            return self.newest_rating_id, self.newest_rating_at
+        return self.newest_prompt_id, self.newest_prompt_at
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evidence:
+        return cls(**{f: data.get(f) for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Action:
+    """A drift that was acted on: the drift event was emitted for `evidence`."""
+
+    evidence: Evidence
+    at: str  # when (ISO 8601, UTC)
+    run_id: str  # the MLflow run of the check that emitted it
+    event_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "evidence": self.evidence.to_dict()}
+
+
+def new_evidence(current: Evidence, acted: Evidence, drifted: Iterable[str]) -> list[str]:
+    """What is new since `acted` for the checks that found drift now: "production" (another
+    version went live), "ratings" and/or "prompts" (newer ones than then). Empty: the drift
+    was already acted on, and acting again would repeat the same response to the same data."""
+    if current.production_version != acted.production_version:
+        return ["production"]
+    sources = dict.fromkeys(CHECK_SOURCES.get(name, "ratings") for name in drifted)
+    return [s for s in sources if current.newest(s) != acted.newest(s)]
+
+
+def waiting_for(drifted: Iterable[str]) -> str:
+    """The data a drift already acted on waits for: "new ratings", "new prompts" or both."""
+    sources = sorted(dict.fromkeys(CHECK_SOURCES.get(name, "ratings") for name in drifted))
+    return "new " + "/".join(sources or ["ratings", "prompts"])

@@ -3,29 +3,38 @@
 Runs as `python -m tasks.drift`, as `drift_task` in the `drift_check` flow (flows/drift.py, which
 also emits the event that starts retraining) and via `retune drift`. Reads the feedback store
 and the holdout, loads production from the registry; writes reports/drift.json and
-reports/drift.png and logs both to the MLflow experiment `<tracking.experiment>-drift`.
+reports/drift.png and logs both to the MLflow experiment `<tracking.experiment>-drift`, whose
+runs also record which drift was acted on (`record_action`), so the same evidence is not acted
+on twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retune.config import DriftParams, Params
+from retune.config import DriftParams, Params, TrackingParams
 from retune.drift import (
+    DRIFT,
     NOT_ENOUGH_DATA,
+    Action,
     Check,
+    Evidence,
     Status,
     distribution_drift,
     negative_share_drift,
+    new_evidence,
     overall,
     rolling_share,
     split_window,
+    waiting_for,
 )
 from retune.entry import stage_main, stage_task
 from retune.reports import write_json
@@ -35,6 +44,13 @@ if TYPE_CHECKING:
 
 CHECKS = ("quality", "perplexity", "prompt_length")
 _KS_TEST = "two-sample Kolmogorov-Smirnov test"
+
+# Tags on the drift experiment's runs: what each check saw, and on the run whose drift was
+# acted on (the event emitted), when and with which event. The store outlives deployment runs.
+EVIDENCE_TAG = "drift.evidence"
+ACTED_TAG = "drift.acted_on"
+ACTED_AT_TAG = "drift.acted_at"
+EVENT_TAG = "drift.event_id"
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,10 @@ class DriftResult:
     production_version: int | None
     checks: dict[str, Check]
     settings: dict[str, Any]
+    evidence: Evidence
+    # The earlier action this drift was already answered by (same production, no newer ratings
+    # or prompts for the checks that drifted): report it, do not act again.
+    acted_on: Action | None = None
     report_file: Path | None = None
     plot_file: Path | None = None
     run_id: str | None = None  # the MLflow run of this check
@@ -64,6 +84,21 @@ class DriftResult:
     @property
     def drift(self) -> bool:
         return self.status == "drift"
+
+    @property
+    def act(self) -> bool:
+        """Drift that calls for a response (the retraining event): found, and not yet acted on."""
+        return self.drift and self.acted_on is None
+
+    @property
+    def note(self) -> str | None:
+        """Why a drift found is not acted on again, in words; None otherwise."""
+        if not self.drift or self.acted_on is None:
+            return None
+        return (
+            f"already acted on at {self.acted_on.at} (run {self.acted_on.run_id}); waiting "
+            f"for {waiting_for(self.drifted)}"
+        )
 
     @property
     def drifted(self) -> list[str]:
@@ -80,6 +115,9 @@ class DriftResult:
             "checks": {name: check.to_dict() for name, check in self.checks.items()},
             "settings": self.settings,
             "mlflow_run_id": self.run_id,
+            "evidence": self.evidence.to_dict(),
+            "acted_on": self.acted_on.to_dict() if self.acted_on is not None else None,
+            "note": self.note,
         }
 
 
@@ -108,6 +146,63 @@ def check_quality(
     if version is None:
         check = dataclasses.replace(check, reason="no production version: nothing to rate")
     return check, flags
+
+
+def _newest(frame: pd.DataFrame, id_column: str) -> tuple[str | None, str | None]:
+    if frame.empty:
+        return None, None
+    last = frame.iloc[-1]
+    return str(last[id_column]), last["created_at"].isoformat()
+
+
+def evidence_of(
+    version: int | None, feedback: pd.DataFrame, interactions: pd.DataFrame
+) -> Evidence:
+    """What the checks read, by its newest rows: production's newest rating in `feedback`
+    (`FeedbackStore.feedback_frame`, oldest first) and the newest of `interactions` (the
+    prompt window)."""
+    mine = feedback[feedback["model_version"].astype(str) == str(version)]
+    rating_id, rating_at = _newest(mine, "feedback_id") if version is not None else (None, None)
+    prompt_id, prompt_at = _newest(interactions, "id")
+    return Evidence(version, rating_id, rating_at, prompt_id, prompt_at)
+
+
+def last_action(experiment_id: str, model_name: str) -> Action | None:
+    """The newest drift of `model_name` acted on, from the tags of the drift experiment's
+    runs (`record_action`); None if none was. MLflow must already point at the store."""
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`{ACTED_TAG}` = 'true' and params.model_name = '{model_name}'"),
+        order_by=[f"tags.`{ACTED_AT_TAG}` DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    tags = runs[0].data.tags
+    return Action(
+        evidence=Evidence.from_dict(json.loads(tags.get(EVIDENCE_TAG, "{}"))),
+        at=tags.get(ACTED_AT_TAG, "an unknown time"),
+        run_id=runs[0].info.run_id,
+        event_id=tags.get(EVENT_TAG),
+    )
+
+
+def record_action(cfg: TrackingParams, result: DriftResult, event_id: str | None) -> Action:
+    """Mark `result`'s MLflow run as the drift acted on (its event emitted), so the next check
+    that sees the same evidence reports it instead of acting again."""
+    from mlflow import MlflowClient
+
+    from retune.tracking import resolved_uri
+
+    if result.run_id is None:
+        raise ValueError("the drift check has no MLflow run to record the action on")
+    action = Action(result.evidence, datetime.now(UTC).isoformat(), result.run_id, event_id)
+    client = MlflowClient(tracking_uri=resolved_uri(cfg.uri))
+    for key, value in ((ACTED_TAG, "true"), (ACTED_AT_TAG, action.at), (EVENT_TAG, event_id)):
+        client.set_tag(result.run_id, key, value or "none")
+    return action
 
 
 def holdout_user_turns(holdout_file: Path, n: int) -> list[str]:
@@ -324,16 +419,26 @@ def run(params: Params) -> DriftResult:
         inputs = check_inputs(cfg, window, reference)
 
     checks = dict(zip(CHECKS, (quality, *inputs), strict=True))
+    status = overall(checks.values())
+    evidence = evidence_of(version, feedback, interactions)
+    experiment = side_experiment(params.tracking, "drift")
+    acted = last_action(experiment, name) if status == DRIFT else None
+    drifted = [n for n, c in checks.items() if c.drift]
+    if acted is not None and new_evidence(evidence, acted.evidence, drifted):
+        acted = None  # new data since, or another production: this drift is news
     result = DriftResult(
-        status=overall(checks.values()),
+        status=status,
         model_name=name,
         production_version=version,
         checks=checks,
         settings=dataclasses.asdict(cfg),
+        evidence=evidence,
+        acted_on=acted,
     )
     reports = params.paths.reports
-    experiment = side_experiment(params.tracking, "drift")
     run_name = f"drift {name}@production v{version or '-'}: {result.status}"
+    if result.acted_on is not None:
+        run_name += " (already acted on)"
     with mlflow.start_run(experiment_id=experiment, run_name=run_name) as active:
         result = dataclasses.replace(
             result,
@@ -353,12 +458,19 @@ def run(params: Params) -> DriftResult:
         )
         mlflow.log_metrics(_metrics(result))
         mlflow.set_tags(
-            {"drift.status": result.status, **{f"drift.{k}": c.status for k, c in checks.items()}}
+            {
+                "drift.status": result.status,
+                **{f"drift.{k}": c.status for k, c in checks.items()},
+                EVIDENCE_TAG: json.dumps(evidence.to_dict(), sort_keys=True),
+                **({"drift.already_acted_on_run": acted.run_id} if acted is not None else {}),
+            }
         )
         mlflow.log_artifact(str(result.report_file))
         mlflow.log_artifact(str(result.plot_file))
     for check in checks.values():
         print(f"drift: {check.name}: {check.status}: {check.reason}", flush=True)
+    if result.note is not None:
+        print(f"drift: {result.status}, {result.note}", flush=True)
     print(f"drift: {result.status} -> {result.report_file}, MLflow run {result.run_id}", flush=True)
     return result
 

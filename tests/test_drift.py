@@ -19,11 +19,14 @@ from retune.drift import (
     NO_DRIFT,
     NOT_ENOUGH_DATA,
     Check,
+    Evidence,
     distribution_drift,
     negative_share_drift,
+    new_evidence,
     overall,
     rolling_share,
     split_window,
+    waiting_for,
 )
 from retune.records import Record, write_records
 from tests.conftest import make_conversations, tiny_params_for
@@ -113,6 +116,23 @@ def test_the_window_is_the_newest_and_the_reference_the_oldest_before_it() -> No
     assert split_window(series, 3, 100) == ([7, 8, 9], [0, 1, 2, 3, 4, 5, 6])
     assert split_window(series, 20, 5) == (series, [])  # no baseline yet
     assert rolling_share([True, False, True, True], 2).tolist() == [1.0, 0.5, 0.5, 1.0]
+
+
+def test_a_drift_acted_on_waits_for_new_evidence_of_what_drifted() -> None:
+    acted = Evidence(3, "50", "2026-12-01T10:00:00+00:00", "i-67", "2026-12-01T10:05:00+00:00")
+    assert new_evidence(acted, acted, ["quality"]) == []
+    newer_prompt = dataclasses.replace(acted, newest_prompt_id="i-68")
+    # New prompts are no new evidence of worse ratings, but they are of changed prompts.
+    assert new_evidence(newer_prompt, acted, ["quality"]) == []
+    assert new_evidence(newer_prompt, acted, ["perplexity", "quality"]) == ["prompts"]
+    newer_rating = dataclasses.replace(acted, newest_rating_id="51")
+    assert new_evidence(newer_rating, acted, ["quality"]) == ["ratings"]
+    assert new_evidence(dataclasses.replace(acted, production_version=4), acted, []) == [
+        "production"
+    ]
+    assert Evidence.from_dict(acted.to_dict()) == acted
+    assert waiting_for(["quality"]) == "new ratings"
+    assert waiting_for(["prompt_length", "quality", "perplexity"]) == "new prompts/ratings"
 
 
 def log_ratings(store: Any, version: str, prompts: list[str], negative: list[bool]) -> None:
@@ -280,6 +300,13 @@ def test_drift_check_flow_finds_drift_in_production_and_emits_the_event(
     with prefect_test_harness(server_startup_timeout=120):
         summary = drift_check(str(file))
         events = read_drift_events("retune-test")
+        # The next scheduled check, with nothing new in the store: no second retrain.
+        again = drift_check(str(file))
+        time.sleep(2)  # the server stores events in batches: give a second one time to land
+        assert len(read_drift_events("retune-test")) == 1
+    assert again["status"] == DRIFT and not again["event_emitted"]
+    assert again["note"].startswith("already acted on at ")
+    assert f"(run {summary['mlflow_run_id']}); waiting for new " in again["note"]
 
     assert summary["status"] == DRIFT and summary["event_emitted"]
     assert set(summary["drifted"]) >= {"quality", "perplexity"}
@@ -299,3 +326,85 @@ def test_drift_check_flow_finds_drift_in_production_and_emits_the_event(
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert artifacts == {"drift.json", "drift.png"}
     assert not any("Order" in value or "quark" in value for value in run.data.params.values())
+
+
+class Emitter:
+    """Stands in for `prefect.events.emit_event`: keeps what it was asked to emit."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def __call__(self, **event: Any) -> Any:
+        import uuid
+        from types import SimpleNamespace
+
+        self.events.append(SimpleNamespace(id=uuid.uuid4(), **event))
+        return self.events[-1]
+
+
+@pytest.mark.slow
+def test_a_drift_already_acted_on_does_not_retrain_again_until_new_ratings_arrive(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hourly check finds the same drift in the same window after a rejected retrain:
+    it reports it, and emits nothing until new ratings of production come in."""
+    from mlflow import MlflowClient
+
+    from flows.drift import respond
+    from retune.feedback import FeedbackStore
+    from retune.registry import PRODUCTION, Registry
+    from retune.reports import read_json
+    from tasks.drift import run as check
+    from tests.test_promote import register_candidate
+
+    params = drift_params(tmp_path)
+    # Quality alone: too few prompts for the input checks, so no model is scored.
+    params = dataclasses.replace(params, drift=dataclasses.replace(params.drift, min_prompts=500))
+    write_holdout(params.paths.split / "holdout.parquet", make_conversations(40, seed=5))
+    version = register_candidate(params, tiny_model_dir)
+    registry = Registry.open(params.tracking, "retune-test")
+    registry.move_alias(PRODUCTION, version, kind="promote", why="test", forced=False, actor="t")
+    store = FeedbackStore.open(params.feedback.store_url)
+    prompts = ["Hi, my router won't turn on."] * 60
+    log_ratings(store, str(version), prompts, flags(60, 0.05))
+    log_ratings(store, str(version), prompts, flags(60, 0.6))
+    emit = Emitter()
+
+    first = check(params)
+    assert first.drift and first.act and first.acted_on is None
+    assert respond(params, first, emit)["event_emitted"] and len(emit.events) == 1
+    acted_at = MlflowClient().get_run(str(first.run_id)).data.tags["drift.acted_at"]
+
+    # An hour later: nothing new in the store. Still drift, and already answered.
+    again = check(params)
+    note = f"already acted on at {acted_at} (run {first.run_id}); waiting for new ratings"
+    assert (again.status, again.act, again.note) == (DRIFT, False, note)
+    report = read_json(params.paths.reports / "drift.json")
+    assert (report["status"], report["note"]) == (DRIFT, note)
+    assert report["acted_on"]["run_id"] == first.run_id
+    assert report["acted_on"]["evidence"] == report["evidence"]
+    capsys.readouterr()
+    summary = respond(params, again, emit)
+    assert not summary["event_emitted"] and summary["event_id"] is None
+    assert len(emit.events) == 1
+    assert note in capsys.readouterr().out
+    # New prompts without ratings are no new evidence that the replies got worse.
+    store.log_interaction(
+        model_name="retune-test",
+        model_version=str(version),
+        kind="chat",
+        messages=[{"role": "user", "content": "Is the camera waterproof?"}],
+        reply="Yes.",
+        latency_ms=10.0,
+        prompt_tokens=6,
+        completion_tokens=1,
+    )
+    assert check(params).note == note
+
+    # New negative ratings: the drift is news again, and the event goes out.
+    log_ratings(store, str(version), prompts[:10], [True] * 10)
+    store.close()
+    rearmed = check(params)
+    assert rearmed.drift and rearmed.act and rearmed.acted_on is None
+    assert respond(params, rearmed, emit)["event_emitted"] and len(emit.events) == 2
+    assert check(params).acted_on.run_id == rearmed.run_id  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -20,9 +20,35 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from retune.config import PathsParams
+    from retune.pii import Redactor
 
 CHANGES_FILE = "changes.jsonl"
+
+
+def pseudonym(original: str, redacted: str) -> str:
+    """A redacted name that stays one distinct name per original (two addresses redacted to
+    `[EMAIL]` remain two ids, keys, files): the redacted text and a digest of the original."""
+    return f"{redacted}-{hashlib.sha256(original.encode('utf-8')).hexdigest()[:16]}"
+
+
+def stored_name(source: str, redactor: Redactor) -> str:
+    """How ingest stores an input file's name (relative to incoming, posix) in records, reports
+    and quarantine: each folder and file name with its personal data redacted (a pseudonym), the
+    extension kept. A name without personal data is stored as it is."""
+    parts = list(PurePosixPath(source).parts)
+    redacted, counts = redactor.redact_many(parts)
+    if not counts:
+        return source
+    out = [p if r == p else pseudonym(p, r) for p, r in zip(parts, redacted, strict=True)]
+    name, last = parts[-1], redacted[-1]
+    if last != name:
+        # The extension stays last; `a@b.example.jsonl` is one address to the detector.
+        suffix = PurePosixPath(name).suffix
+        out[-1] = pseudonym(name, last.removesuffix(suffix)) + suffix
+    return "/".join(out)
 
 
 def data_version(ids: Iterable[str]) -> str:
@@ -110,7 +136,18 @@ def _members(path: Path, ids: Iterable[str]) -> set[str]:
 def trace(paths: PathsParams, source: str) -> list[Step]:
     """Every unit of input file `source` (relative to paths.incoming), in line order, with
     where it ended up: quarantined by ingest, removed by hygiene, moved by split, or kept as
-    a record in clean / train / holdout."""
+    a record in clean / train / holdout.
+
+    `source` is the real file name or the name ingest stored; a real name holding personal
+    data is looked up as stored (redacted with every kind, which is ingest's default)."""
+    from retune.pii import Redactor  # only `retune trace` needs the detectors here
+
+    steps = _trace(paths, source)
+    stored = stored_name(source, Redactor())
+    return steps if steps or stored == source else _trace(paths, stored)
+
+
+def _trace(paths: PathsParams, source: str) -> list[Step]:
     steps: list[Step] = []
     for q in read_changes(paths.quarantine / "quarantine.jsonl", source):
         rows = q.get("rows")

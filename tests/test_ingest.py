@@ -385,8 +385,9 @@ def test_empty_folder_says_how_to_get_data(tmp_path: Path) -> None:
 def test_failed_run_keeps_previous_outputs(tmp_path: Path) -> None:
     _jsonl(tmp_path / "in" / "a.jsonl", [_chat("q", "a")])
     first = _ingest(tmp_path)
-    _text(tmp_path / "in" / "b.jsonl", "[\n")  # a pretty-printed JSON array
-    with pytest.raises(IngestError, match="JSON Lines"):
+    # Bad input is quarantined; what still stops the stage is a table it cannot map.
+    _text(tmp_path / "in" / "b.csv", "question,answer\nq,a\n")
+    with pytest.raises(IngestError, match="cannot tell the table layout"):
         _ingest(tmp_path)
     assert len(_records(first)) == 1
     assert json.loads(first.manifest_file.read_text())["data_version"] == first.data_version

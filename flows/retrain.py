@@ -24,7 +24,8 @@ from retune.datastate import (
     run_fingerprint,
 )
 from retune.env import configure_environment
-from retune.reports import write_json
+from retune.reports import read_json, write_json
+from retune.runlock import run_lock
 from tasks.cv import CvResult, cv_task, fold_task, summarize_task
 from tasks.evaluate import evaluate_task
 from tasks.export_feedback import export_feedback_task
@@ -59,10 +60,16 @@ def cross_validate(params: Params) -> CvResult:
     return summarize_task(params, [f.result() for f in folds])
 
 
-def _up_to_date(params: Params, fingerprint: str) -> dict[str, Any]:
+def _up_to_date(params: Params, fingerprint: str, finished: str | None) -> dict[str, Any]:
     """The summary of a retrain skipped because the last one saw the same data, settings
     and code: it would rebuild the model it already has."""
-    summary = {"skipped": True, "run_fingerprint": fingerprint, "stages_s": {}, "total_s": 0.0}
+    summary = {
+        "skipped": True,
+        "run_fingerprint": fingerprint,
+        "stages_s": {},
+        "total_s": 0.0,
+        "finished_interrupted": finished,
+    }
     write_json(params.paths.reports / "flow.json", summary)
     print(
         f"up to date: the last retrain used the same data in {params.paths.incoming}, the same "
@@ -70,6 +77,37 @@ def _up_to_date(params: Params, fingerprint: str) -> dict[str, Any]:
         "anyway)"
     )
     return summary
+
+
+def finish_interrupted(params: Params) -> str | None:
+    """Gate the version an interrupted run registered but never judged (it crashed or was
+    stopped between `register` and `promote`): the version `reports/register.json` names,
+    if it is the newest one and has no gate decision. Returns what was done, or None."""
+    report = params.paths.reports / "register.json"
+    if not report.exists():
+        return None
+    from retune.registry import Registry
+
+    registered = read_json(report)
+    registry = Registry.open(params.tracking, str(registered.get("model_name")))
+    if not registry.exists():
+        return None
+    versions = registry.versions()
+    if not versions or versions[0].decision is not None:
+        return None
+    if str(versions[0].version) != str(registered.get("version")):
+        print(
+            f"{registry.model_name} v{versions[0].version} was registered but never gated, "
+            f"and {report} is of another version: judge it with `retune promote "
+            f"{versions[0].version}`"
+        )
+        return None
+    print(
+        f"{registry.model_name} v{versions[0].version} was registered by an interrupted run "
+        "but never gated: gating it now"
+    )
+    result = promote_task(params)
+    return f"gated v{result.version}: {result.outcome}"
 
 
 @flow(name="retrain", log_prints=True)
@@ -86,13 +124,19 @@ def retrain(
     first exported into `paths.incoming`, so the retrain learns from them."""
     configure_environment()
     params = load_params(Path(params_file), overrides or [])
+    with run_lock(Path(params_file).resolve().parent, check_dvc=True):
+        return _retrain(params, force, export_feedback)
+
+
+def _retrain(params: Params, force: bool, export_feedback: bool) -> dict[str, Any]:
+    finished = finish_interrupted(params)
     if export_feedback:
         export_feedback_task(params)
     # Taken before ingest reads the folder: data landing mid-run is seen by the next check.
     incoming = incoming_fingerprint(params.paths.incoming)
     fingerprint = run_fingerprint(params, incoming)
     if not force and last_fingerprint(params, RUN_FINGERPRINT_TAG) == fingerprint:
-        return _up_to_date(params, fingerprint)
+        return _up_to_date(params, fingerprint, finished)
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
     start = time.perf_counter()

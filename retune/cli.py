@@ -6,7 +6,10 @@ that looks "up" the layers), so `retune --help` stays fast and nothing heavy loa
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +17,7 @@ import typer
 import yaml
 
 from retune.config import DEFAULT_PARAMS, ConfigError, Params, load_params, to_plain
-from retune.entry import skip_final_collection
+from retune.entry import DEBUG_ENV, debug_requested, error_message, skip_final_collection
 from retune.env import configure_environment
 from retune.errors import RetuneError
 
@@ -64,13 +67,36 @@ def _registry(path: Path, overrides: list[str] | None) -> Any:
     return Registry.open(resolved.tracking, resolved.register.model_name)
 
 
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(1)
+
+
 def _guarded(fn: Any, *args: Any) -> Any:
-    """Run `fn`; a user-fixable error prints its message and exits 1 without a traceback."""
+    """Run `fn`; a user-fixable error prints its message and exits 1 without a traceback
+    (with --debug, the traceback too)."""
     try:
         return fn(*args)
     except (ConfigError, RetuneError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+        if debug_requested():
+            raise
+        raise _fail(str(exc)) from None
+
+
+def _project(params_file: Path) -> Path:
+    """The project folder whose lock a command holds: the one its params file is in."""
+    return params_file.resolve().parent
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help=f"Show tracebacks of errors (or set {DEBUG_ENV}=1)."),
+    ] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 @app.command()
@@ -80,21 +106,35 @@ def run(
     force: Annotated[
         bool, typer.Option(help="Retrain even if data, model settings and code are unchanged.")
     ] = False,
+    wait: Annotated[
+        bool, typer.Option(help="If another run holds this folder, wait for it to finish.")
+    ] = False,
 ) -> None:
-    """Run the retraining flow: ingest ... register, promote (skipped when nothing changed)."""
+    """Run the retraining flow: ingest ... register, promote (skipped when nothing changed).
+
+    One run at a time per folder: another `retune run`, `dvc repro` or stage command
+    working there makes this one refuse, naming it (or wait, with --wait).
+    """
     resolved = _guarded(_params, params, overrides)  # a bad key fails before Prefect starts
     from flows.retrain import retrain
-    from flows.startup import warm_start
+    from flows.startup import prefect_api
+    from retune.runlock import run_lock
 
-    warm_start(resolved)
-    _guarded(retrain, str(params), list(overrides or []), force)
+    with contextlib.ExitStack() as stack:
+        _guarded(stack.enter_context, run_lock(_project(params), wait, True))
+        _guarded(stack.enter_context, prefect_api(resolved))
+        _guarded(retrain, str(params), list(overrides or []), force)
 
 
 def _stage_command(name: str) -> None:
     def command(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+        from retune.runlock import run_lock
+
         resolved = _guarded(_params, params, overrides)
         module = importlib.import_module(f"tasks.{name}")
-        _guarded(module.run, resolved)
+        with contextlib.ExitStack() as stack:
+            _guarded(stack.enter_context, run_lock(_project(params)))
+            _guarded(module.run, resolved)
 
     command.__doc__ = STAGE_HELP[name]
     app.command(name=STAGE_COMMANDS.get(name, name))(command)
@@ -261,8 +301,11 @@ def drift(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> No
     """
     resolved = _guarded(_params, params, overrides)
     from flows.drift import drift_check
+    from flows.startup import prefect_api
 
-    summary = _guarded(drift_check, str(params), list(overrides or []))
+    with contextlib.ExitStack() as stack:
+        _guarded(stack.enter_context, prefect_api())
+        summary = _guarded(drift_check, str(params), list(overrides or []))
     for name, check in summary["checks"].items():
         typer.echo(f"{name}: {check['status']}: {check['reason']}")
     event = "emitted" if summary["event_emitted"] else "not emitted"
@@ -318,8 +361,25 @@ def trace(
     typer.echo(f"{source}: {len(steps)} units: {counts}")
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: the run's `finally` blocks
+    # stop the Prefect server it started and release the run lock.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    """The console script: retune's errors as one line, never a traceback unless asked for
+    (--debug or RETUNE_DEBUG=1)."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg=typer.colors.RED, err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if debug_requested():
+            raise
+        typer.secho(f"error: {error_message(exc)}", fg=typer.colors.RED, err=True)
+        raise SystemExit(1) from None
     finally:
         skip_final_collection()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,16 +21,42 @@ R = TypeVar("R")
 
 
 def stage_main(run: Callable[[Params], object], params_path: Path = DEFAULT_PARAMS) -> None:
-    """Run one stage as DVC does: read params.yaml, call `run`, exit 1 with the message on a
-    user-fixable error (no traceback: the message says what to fix)."""
+    """Run one stage as DVC does: read params.yaml, call `run` holding the project's run lock,
+    exit 1 with the message on an error (no traceback unless RETUNE_DEBUG=1: the message says
+    what to fix)."""
+    from retune.runlock import run_lock
+
     configure_environment()
     try:
-        run(load_params(params_path, sys.argv[1:]))
-    except (ConfigError, RetuneError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        params = load_params(params_path, sys.argv[1:])
+        with run_lock(params_path.resolve().parent):
+            run(params)
+    except Exception as exc:
+        if debug_requested():
+            raise
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         skip_final_collection()
+
+
+DEBUG_ENV = "RETUNE_DEBUG"
+
+
+def debug_requested() -> bool:
+    """Whether the user asked for tracebacks (`--debug` or RETUNE_DEBUG=1)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for the user: retune's own message, or what failed and how to see more."""
+    if isinstance(exc, ConfigError | RetuneError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        message = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        message = f"unexpected {type(exc).__name__}: {exc}"
+    return f"{message}\n(rerun with {DEBUG_ENV}=1, or `retune --debug ...`, for the traceback)"
 
 
 def skip_final_collection() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retune.config import Params, to_plain
+from retune.config import Params, load_params, to_plain
 from tests.conftest import make_conversations, tiny_params_for
 
 pytestmark = pytest.mark.slow
@@ -173,3 +173,15 @@ def test_a_worse_retrain_is_registered_but_production_does_not_move(
     assert rejected["gate.decision"] == "reject"
     assert rejected["gate.compared_version"] == "1"
     assert "worse" in rejected["gate.reason"]
+
+    # A run stopped between register and promote leaves a version nobody judged; the next
+    # run, though it has nothing new to train, finishes that work before saying so.
+    from tasks.register import run as register
+
+    assert register(load_params(Path(path), ["train.max_steps=1"])).version == 3
+    assert "gate.decision" not in client.get_model_version("retune-test", "3").tags
+    again = retrain(path, ["train.max_steps=1", "train.save_steps=1"])
+    assert again["skipped"] is True
+    assert again["finished_interrupted"] == "gated v3: reject"
+    assert client.get_model_version("retune-test", "3").tags["gate.decision"] == "reject"
+    assert str(client.get_model_version_by_alias("retune-test", "production").version) == "1"

@@ -82,7 +82,7 @@ def analyse(folder: Path, sample: Measured, run: Measured) -> list[dict[str, Any
     wall = sample.wall_s + run.wall_s
     overhead = wall - compute
 
-    server = first_line(run, "Starting temporary server")
+    server = first_line(run, "temporary API server on")
     begun = first_line(run, "Beginning flow run")
     finished = first_line(run, "retrain finished") or (run.wall_s - 0.0)
     stages_start = finished - flow_s  # the summary line is printed right after the stages

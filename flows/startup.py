@@ -243,6 +243,11 @@ def prefect_api(params: Params | None = None) -> Iterator[str]:
 
     try:
         server.spawn()
+        print(
+            f"Starting Prefect's temporary API server on {server.api_url} (it stops when this "
+            "command ends; set PREFECT_API_URL to use a server of your own)",
+            flush=True,
+        )
         waiter = threading.Thread(target=wait, name="prefect-server-start", daemon=True)
         waiter.start()
         if params is not None:

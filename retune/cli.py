@@ -308,6 +308,8 @@ def drift(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> No
         summary = _guarded(drift_check, str(params), list(overrides or []))
     for name, check in summary["checks"].items():
         typer.echo(f"{name}: {check['status']}: {check['reason']}")
+    if summary.get("note"):
+        typer.echo(summary["note"])
     event = "emitted" if summary["event_emitted"] else "not emitted"
     typer.echo(
         f"drift check: {summary['status']} (event {event}); "

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retune.config import ColumnsParams
-from retune.readers import FileStats, Plan, ReadFailure, Sink, b64, open_input, type_name
+from retune.readers import FileStats, Plan, ReadFailure, b64, open_input, type_name
 from retune.tables import (
     RowIssue,
     csv_records,
@@ -26,6 +26,9 @@ from retune.tables import (
     jsonable,
     parquet_problem,
 )
+
+if TYPE_CHECKING:
+    from retune.sink import Sink
 
 _ARROW_CHUNK = 65_536
 

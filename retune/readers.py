@@ -19,11 +19,14 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson  # a dependency of prefect, great-expectations and dvc; ~3x faster than json here
 
 from retune.config import ColumnsParams
+
+if TYPE_CHECKING:
+    from retune.sink import Sink
 
 # Deeper JSON than this is quarantined (`too_deep`): Python recursion would fail on it.
 MAX_DEPTH = 64
@@ -111,37 +114,6 @@ class Plan:
     layout: str | None = None  # table_* for tables
     columns: tuple[str, ...] = ()
     failure: ReadFailure | None = None  # found when planning: the file is quarantined whole
-
-
-class Sink(Protocol):
-    """Where readers send what they read: `offer` a conversation, `reject` a unit."""
-
-    line_limit: int
-
-    def offer(
-        self,
-        st: FileStats,
-        messages: list[tuple[str, str]],
-        line: int,
-        fmt: str,
-        conversation_id: str | None,
-        meta: dict[str, Any],
-        raw: Any,
-        rows: list[int] | None = None,
-        message_rows: list[int] | None = None,
-    ) -> dict[str, Any] | None: ...
-
-    def reject(
-        self,
-        st: FileStats,
-        reason: str,
-        detail: str,
-        line: int,
-        raw: Any,
-        rows: list[int] | None = None,
-        raw_base64: Any = None,
-        count: int | None = None,
-    ) -> None: ...
 
 
 def _open_problem(exc: OSError) -> str:
@@ -234,15 +206,20 @@ class LineSource:
             self.lineno += 1
             if len(line) <= self.limit or _ended(line):
                 return line
-            size = len(line)
-            while rest := self._read(2**20):
-                size += len(rest)
-                if _ended(rest):
-                    break
+            size = len(line) + self._skip()
         except OSError as exc:
             raise ReadFailure(self.lineno + 1, "unreadable", f"cannot be read ({exc})") from None
         head = line if isinstance(line, bytes) else line.encode("utf-8", "surrogateescape")
         raise Overlong(self.lineno, size, head[: self.limit], self.unit)
+
+    def _skip(self) -> int:
+        """Read the rest of an overlong line, a MiB at a time, holding none of it; its size."""
+        size = 0
+        while rest := self._read(2**20):
+            size += len(rest)
+            if _ended(rest):
+                break
+        return size
 
     def __iter__(self) -> LineSource:
         return self
@@ -257,6 +234,22 @@ class LineSource:
 
     def items(self) -> Iterator[tuple[int, bytes | None, int]]:
         """(line number, line, size); the line is None when it was too long."""
+        if self.text is not None:
+            yield from self._decoded_items()
+            return
+        # The common case, UTF-8 bytes, without a call per line through `_line`.
+        readline, limit = self.fh.readline, self.limit
+        try:
+            while line := readline(limit + 1):
+                self.lineno += 1
+                if len(line) <= limit or line.endswith(b"\n"):
+                    yield self.lineno, line, len(line)
+                else:
+                    yield self.lineno, None, len(line) + self._skip()
+        except OSError as exc:
+            raise ReadFailure(self.lineno + 1, "unreadable", f"cannot be read ({exc})") from None
+
+    def _decoded_items(self) -> Iterator[tuple[int, bytes | None, int]]:
         while True:
             try:
                 data = next(self)

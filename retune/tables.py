@@ -11,7 +11,7 @@ import csv
 import math
 from collections.abc import Iterator
 from datetime import date, datetime
-from typing import Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import orjson
 import pyarrow as pa
@@ -28,7 +28,6 @@ from retune.readers import (
     Plan,
     ReadFailure,
     Reject,
-    Sink,
     b64,
     check_depth,
     messages_of,
@@ -36,6 +35,9 @@ from retune.readers import (
     too_large,
     type_name,
 )
+
+if TYPE_CHECKING:
+    from retune.sink import Sink
 
 
 class RowIssue(NamedTuple):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import data_prep, overhead, reruns, run_all
+from benchmarks import data_prep, malformed, overhead, reruns, run_all
 from benchmarks.report import meets, write_report
 
 
@@ -89,3 +89,13 @@ def test_reruns_smoke_reruns_only_what_a_param_change_affects(tmp_path: Path) ->
     assert "evaluate" in ran
     assert not {"ingest", "validate", "split", "train"} & set(ran)
     assert rows["flow_rerun_unchanged"]["value"] > 0
+
+
+def test_malformed_runs_retune_ingest_on_every_kind_without_a_traceback(tmp_path: Path) -> None:
+    assert malformed.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = rows_of(tmp_path, "malformed")
+    assert rows["kinds"]["value"] >= 25
+    assert rows["exit_code"]["value"] == rows["tracebacks"]["value"] == 0
+    assert rows["mismatches"]["value"] == rows["leaks"]["value"] == 0
+    assert rows["rows_in"]["value"] == rows["accepted"]["value"] + rows["quarantined"]["value"]
+    assert rows["deep_5000: deep_5000.jsonl"]["note"] == "accepted 2, quarantined 1 (too_deep)"

@@ -8,8 +8,13 @@ rates one, and a watcher thread swaps in a new version when the alias moves.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
+import json
+import logging
 import os
+import re
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -26,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from retune import pii
 from retune.config import Params
 from retune.errors import RetuneError
 from retune.feedback import FeedbackStore, UnknownInteraction
@@ -36,8 +42,15 @@ if TYPE_CHECKING:
 # A failed load of one version is retried no sooner than this, so a broken artifact does not
 # reload every poll.
 RETRY_FAILED_LOAD_S = 60.0
-# OpenAI accepts at most 4 stop sequences; more is a client bug rather than a need.
+# OpenAI accepts at most 4 stop sequences; more is a client bug rather than a need. A stop
+# string longer than a few sentences is one too, and each costs per generated token.
 MAX_STOP = 4
+MAX_STOP_CHARS = 256
+# Below this a temperature is served greedy, as 0 is: sampling that cold picks the likeliest
+# token anyway, and logits divided by a tinier one overflow to inf and NaN.
+MIN_SAMPLING_TEMPERATURE = 0.01
+# torch seeds its generator with a 64-bit integer; OpenAI's seed is a signed 64-bit one.
+MAX_SEED = 2**63 - 1
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -81,8 +94,15 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    message, param = _encodable(message), None if param is None else _encodable(param)
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _encodable(text: str) -> str:
+    """`text` with any lone surrogate (from a client's input) written as `\\udXXX`, so the
+    answer can be encoded as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -245,6 +265,53 @@ def _stop_ids(served: ServedModel) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
+# A character split over tokens decodes whole once its last token is in; a longer run of
+# undecodable tokens is taken as it decodes, so no step waits on an unbounded window.
+_MAX_PENDING_TOKENS = 8
+
+
+class StopStrings:
+    """A transformers stopping criterion: a row is done once its reply holds one of `stops`.
+
+    Each step decodes only the newest tokens (from the last character boundary) and looks for
+    the stops in the text they add plus the `longest stop - 1` characters before it, so a step
+    costs the same however long the reply is. (transformers' own `stop_strings` first tabulates
+    every vocabulary entry against every stop string: minutes for one long stop string.)"""
+
+    def __init__(
+        self, decode: Callable[[list[int]], str], stops: list[str], prompt_width: int, rows: int
+    ) -> None:
+        self.decode, self.stops, self.width = decode, stops, prompt_width
+        self.keep = max(map(len, stops)) - 1
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        # Per row: where the window being decoded starts, and how far it has been read.
+        self.offsets = [(0, 0)] * rows
+        self.tails = [""] * rows
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = []
+        for row, ids in enumerate(self.ids):
+            ids.extend(input_ids[row, self.width + len(ids) :].tolist())
+            seen = self.tails[row] + self._new_text(row)
+            done.append(any(s in seen for s in self.stops))
+            self.tails[row] = seen[-self.keep :] if self.keep else ""
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _new_text(self, row: int) -> str:
+        ids, (start, read) = self.ids[row], self.offsets[row]
+        # Decoding from an earlier token keeps what depends on the left context (a leading
+        # space) as the whole reply's decoding has it.
+        before, now = self.decode(ids[start:read]), self.decode(ids[start:])
+        if len(now) <= len(before):
+            return ""
+        if now.endswith("\ufffd") and len(ids) - start <= _MAX_PENDING_TOKENS:
+            return ""
+        self.offsets[row] = (read, len(ids))
+        return now[len(before) :]
+
+
 def generate(
     served: ServedModel,
     prompt_ids: list[int],
@@ -254,22 +321,24 @@ def generate(
     stop: list[str],
     seed: int | None,
 ) -> Completion:
-    """One reply to `prompt_ids`: greedy when temperature is 0 or unset, sampled otherwise;
-    cut before the first `stop` string. The model's generation config says which tokens end
-    a turn (set by `register`)."""
+    """One reply to `prompt_ids`: greedy when temperature is unset or below
+    `MIN_SAMPLING_TEMPERATURE`, sampled otherwise; cut before the first `stop` string. The
+    model's generation config says which tokens end a turn (set by `register`)."""
     import torch
+    from transformers import StoppingCriteriaList
 
     from retune.scoring import generate_tokens
 
     kwargs: dict[str, Any] = {"do_sample": False}
-    if temperature:
+    if temperature is not None and temperature >= MIN_SAMPLING_TEMPERATURE:
         kwargs = {"do_sample": True, "temperature": temperature}
         if top_p is not None:
             kwargs["top_p"] = top_p
         if seed is not None:
             torch.manual_seed(seed)
     if stop:
-        kwargs.update(stop_strings=stop, tokenizer=served.tokenizer)
+        criterion = StopStrings(served.decode, stop, prompt_width=len(prompt_ids), rows=1)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
     tokenizer = served.tokenizer
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
@@ -291,8 +360,47 @@ def generate(
     )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(body: Any) -> None:
+    """Raise a 400 naming a string in `body` (a parsed JSON value, keys included) that holds a
+    lone surrogate: JSON may escape one ("\\ud800"), but it is not text, and the tokenizer,
+    the store and the answer would fail on it."""
+    todo: list[tuple[str, Any]] = [("", body)]  # a loop, not recursion: JSON may nest deeply
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            if bad := _SURROGATE.search(value):
+                raise ApiError(
+                    400,
+                    f"{where or 'body'} is not valid text: it holds a lone surrogate "
+                    f"({bad[0]!a} at character {bad.start()}); send UTF-8 text (an escaped "
+                    "pair such as \\ud83d\\ude00 is fine)",
+                    param=where or None,
+                    code="invalid_unicode",
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                todo += [(path, key), (path, item)]
+        elif isinstance(value, list):
+            todo += [(f"{where}.{i}" if where else str(i), item) for i, item in enumerate(value)]
+
+
+class _Body(BaseModel):
+    """A request body: its strings are text (see `check_text`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: Any) -> Any:
+        # An ApiError is not a ValueError: pydantic lets it through, FastAPI answers it.
+        check_text(data)
+        return data
+
+
 class _Lenient(BaseModel):
-    # OpenAI clients send fields retune has no use for (user, metadata, penalties, ...).
+    # OpenAI clients send fields retune has no use for (user, metadata, ...).
     model_config = ConfigDict(extra="allow")
 
 
@@ -313,11 +421,30 @@ class ChatMessage(_Lenient):
         return "".join(part.text for part in self.content)
 
 
-class _GenerationRequest(_Lenient):
+# OpenAI fields that change what a reply is, and the values that ask for nothing: with any
+# other value the request is refused, not answered as if the field were not there.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class _GenerationRequest(_Lenient, _Body):
     model: str
     max_tokens: int | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     stop: str | list[str] | None = None
     n: int | None = None
     stream: bool | None = None
@@ -325,22 +452,54 @@ class _GenerationRequest(_Lenient):
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        stops = [s for s in stops if s]
         if len(stops) > MAX_STOP:
-            raise ApiError(400, f"stop takes at most {MAX_STOP} strings", param="stop")
-        return stops
+            raise ApiError(
+                400, f"stop takes at most {MAX_STOP} strings, not {len(stops)}", param="stop"
+            )
+        if too_long := [i for i, s in enumerate(stops) if len(s) > MAX_STOP_CHARS]:
+            which = "stop" if isinstance(self.stop, str) else f"stop[{too_long[0]}]"
+            raise ApiError(
+                400,
+                f"{which} is {len(stops[too_long[0]])} characters; a stop string is at most "
+                f"{MAX_STOP_CHARS}",
+                param="stop",
+                code="stop_too_long",
+            )
+        return [s for s in stops if s]
+
+    def asked_tokens(self) -> tuple[int | None, str]:
+        """The reply length asked for (None: the default), and the field that asked."""
+        return self.max_tokens, "max_tokens"
+
+    def refuse_unsupported(self) -> None:
+        """Raise a 400 naming the first field that asks for what this server cannot do."""
+        extra = self.model_extra or {}
+        for name, neutral in _NEUTRAL.items():
+            if name in extra and extra[name] not in neutral:
+                raise ApiError(
+                    400,
+                    f"{name} is not supported by this server: leave it out (or send "
+                    f"{json.dumps(neutral[-1])})",
+                    param=name,
+                    code="unsupported",
+                )
 
 
 class ChatRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None  # newer clients' name for max_tokens
 
+    def asked_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return super().asked_tokens()
+
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str]
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(_Body):
     """A rating of one response: `response_id` (or `id`), a rating and/or score, and an
     optional corrected reply. Unknown fields are refused so a misspelt key is not lost."""
 
@@ -414,6 +573,40 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def render_prompt(model: ServedModel, messages: list[dict[str, str]], param: str) -> str:
+    """The prompt text of `messages` by the model's chat template; a template that refuses
+    them (some require alternating roles) is the client's 400, naming `param`."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    from retune.chat import render
+
+    try:
+        with model.tokenizer_lock:
+            return render(model.tokenizer, messages, add_generation_prompt=True)
+    except TemplateSyntaxError:
+        raise  # the template itself is broken: the server's fault
+    except TemplateError as exc:
+        raise ApiError(
+            400,
+            f"the model's chat template refuses these messages: {exc}",
+            param=param,
+            code="invalid_messages",
+        ) from None
+
+
+def _parse_failure(cause: BaseException | None) -> str:
+    """What FastAPI's "There was an error parsing the body" was, in words a client can act on."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not UTF-8 text ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON nests too deeply to parse"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"a number in the body has more than {sys.get_int_max_str_digits()} digits"
+    if cause is not None:
+        return f"the body is not valid JSON ({cause})"
+    return "the body could not be parsed"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -506,7 +699,17 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return error_response(400, _parse_failure(exc.__cause__), code="invalid_body")
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _fault(_request: Request, exc: Exception) -> JSONResponse:
+        # Reached only by a fault of the server (client mistakes are ApiErrors above); the
+        # traceback goes to the server's log, not to the client.
+        return error_response(
+            500, "internal server error: the server's log has the details", code="internal_error"
+        )
 
     def require_token(request: Request) -> None:
         if state.token is None:
@@ -548,9 +751,8 @@ def create_app(
             "alias": cfg.alias,
         }
 
-    def max_tokens_for(
-        req: _GenerationRequest, asked: int | None, model: ServedModel, prompt_tokens: int
-    ) -> int:
+    def max_tokens_for(req: _GenerationRequest, model: ServedModel, prompt_tokens: int) -> int:
+        asked, name = req.asked_tokens()
         room = model.context - prompt_tokens
         if room < 1:
             raise ApiError(
@@ -565,15 +767,15 @@ def create_app(
         if asked > room:
             raise ApiError(
                 400,
-                f"max_tokens={asked} plus the prompt's {prompt_tokens} tokens exceed the "
-                f"model's context of {model.context} tokens: lower max_tokens to at most "
+                f"{name}={asked} plus the prompt's {prompt_tokens} tokens exceed the "
+                f"model's context of {model.context} tokens: lower {name} to at most "
                 f"{room} or shorten the prompt",
-                param="max_tokens",
+                param=name,
                 code="context_length_exceeded",
             )
         return asked
 
-    def check_common(req: _GenerationRequest, asked: int | None) -> None:
+    def check_common(req: _GenerationRequest) -> None:
         if req.stream:
             raise ApiError(
                 400,
@@ -583,12 +785,21 @@ def create_app(
             )
         if req.n not in (None, 1):
             raise ApiError(400, "n must be 1: one choice per request", param="n")
+        if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+            raise ApiError(
+                400,
+                f"seed must be an integer from 0 to {MAX_SEED}",
+                param="seed",
+                code="seed_out_of_range",
+            )
+        req.refuse_unsupported()
+        asked, name = req.asked_tokens()
         if asked is not None and not 1 <= asked <= cfg.max_tokens:
             raise ApiError(
                 400,
-                f"max_tokens={asked} is out of range: this server generates 1 to "
+                f"{name}={asked} is out of range: this server generates 1 to "
                 f"{cfg.max_tokens} tokens per request (serve.max_tokens)",
-                param="max_tokens",
+                param=name,
                 code="max_tokens_out_of_range",
             )
 
@@ -596,18 +807,14 @@ def create_app(
         req: _GenerationRequest,
         kind: Literal["chat", "completion"],
         messages: list[dict[str, str]],
-        asked: int | None,
     ) -> tuple[str, ServedModel, Completion, int]:
         started = time.perf_counter()
-        check_common(req, asked)
+        check_common(req)
         stops = req.stops()
         model = served(req.model)
-        from retune.chat import render
-
-        with model.tokenizer_lock:
-            text = render(model.tokenizer, messages, add_generation_prompt=True)
+        text = render_prompt(model, messages, "messages" if kind == "chat" else "prompt")
         prompt_ids = model.encode(text)
-        max_tokens = max_tokens_for(req, asked, model, len(prompt_ids))
+        max_tokens = max_tokens_for(req, model, len(prompt_ids))
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
             state.generator,
@@ -643,10 +850,7 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=[Depends(require_token)])
     async def chat_completions(req: ChatRequest) -> JSONResponse:
         messages = [{"role": _ROLES[m.role], "content": m.text()} for m in req.messages]
-        asked = (
-            req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens)
-        )
-        rid, model, result, created = await complete(req, "chat", messages, asked)
+        rid, model, result, created = await complete(req, "chat", messages)
         body = {
             "id": rid,
             "object": "chat.completion",
@@ -674,7 +878,7 @@ def create_app(
             )
         # Served like the registered model's pyfunc: the prompt is one user turn.
         messages = [{"role": "user", "content": prompts[0]}]
-        rid, model, result, created = await complete(req, "completion", messages, req.max_tokens)
+        rid, model, result, created = await complete(req, "completion", messages)
         body = {
             "id": rid,
             "object": "text_completion",
@@ -741,23 +945,50 @@ def create_app(
     return app
 
 
+class RedactAccessLog(logging.Filter):
+    """Hides what a client may have put a secret in from uvicorn's access log: the query string
+    (`?token=...`) goes, and a key in the path is redacted as retune.pii redacts secrets."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn logs (client, method, path with query, HTTP version, status).
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            path, query, _ = args[2].partition("?")
+            shown = pii.redact(path, ("secret",))[0] + ("?[REDACTED]" if query else "")
+            record.args = (*args[:2], shown, *args[3:])
+        return True
+
+
+def _uvicorn_config(app: Any, host: str, port: int, log_level: str) -> Any:
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config.setdefault("filters", {})["redact"] = {"()": RedactAccessLog}
+    log_config["loggers"]["uvicorn.access"]["filters"] = ["redact"]
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, log_config=log_config, lifespan="on"
+    )
+
+
 def serve(params: Params) -> None:
     """Run the API on `serve.host`:`serve.port` until interrupted."""
     import uvicorn
 
     app = create_app(params)
-    uvicorn.run(app, host=params.serve.host, port=params.serve.port, log_level="info")
+    uvicorn.Server(_uvicorn_config(app, params.serve.host, params.serve.port, "info")).run()
 
 
 @contextmanager
-def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Run `app` with uvicorn in a background thread; yield its base URL (`http://host:port`,
-    the port picked by the OS when 0) once it accepts requests; stop it on exit."""
+def serve_in_thread(
+    app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+) -> Iterator[str]:
+    """Run `app` with uvicorn in a background thread, logging as `serve` does at `log_level`;
+    yield its base URL (`http://host:port`, the port picked by the OS when 0) once it accepts
+    requests; stop it on exit."""
     import uvicorn
 
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    )
+    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
     thread = threading.Thread(target=server.run, name="retune-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 300

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,75 +18,31 @@ from retune.config import Params
 from retune.feedback import FeedbackStore
 from retune.registry import Registry
 from retune.serving import ModelWatcher, ServedModel, create_app, load_served, serve_in_thread
-from tests.conftest import tiny_params_for
+from tests.servers import TOKEN, auth, register_versions, registered_params, serving
 
 # Every test here serves models registered in a temporary MLflow store (~15 s to set up).
 pytestmark = pytest.mark.slow
 
-TOKEN = "test-token-" + "x" * 20
 EMAIL = "jane.doe@example.com"
-
-
-def _register(params: Params, model_dir: Path, times: int) -> list[int]:
-    """Register `model_dir` `times` times under `params.register.model_name` with the real
-    register stage (a bare MLflow run stands in for train's); return the versions."""
-    import mlflow
-
-    from retune.gitinfo import GitState
-    from retune.tracking import setup_tracking
-    from tasks.register import ModelFacts, register
-
-    setup_tracking(params.tracking)
-    with mlflow.start_run() as run:
-        pass
-    facts = ModelFacts(
-        model_name=params.register.model_name,
-        run_id=run.info.run_id,
-        params={},
-        git=GitState(commit=None, dirty=None),
-    )
-    return [
-        register(params.register, params.tracking, model_dir, facts).version for _ in range(times)
-    ]
-
-
-def _params(tmp: Path, **sections: dict) -> Params:
-    return tiny_params_for(
-        tmp,
-        serve={"reload_interval_s": 0.2, **sections.pop("serve", {})},
-        feedback={"store_url": f"sqlite:///{tmp}/feedback/feedback.db"},
-        **sections,
-    )
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Params:
     """Params of a store holding `retune-test` v1 (production) and v2 (no alias)."""
-    params = _params(tmp_path_factory.mktemp("serve"))
-    v1, v2 = _register(params, tiny_model_dir, times=2)
-    assert (v1, v2) == (1, 2)
-    Registry.open(params.tracking, "retune-test").move_alias(
-        "production", v1, kind="promote", why="test", forced=False, actor="test"
-    )
-    return params
+    return registered_params(tmp_path_factory.mktemp("serve"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def server(registered: Params) -> Iterator[tuple[str, FeedbackStore]]:
-    store = FeedbackStore.open(registered.feedback.store_url)
-    with serve_in_thread(create_app(registered, store=store, token=TOKEN)) as url:
-        yield url, store
-
-
-def _auth(token: str = TOKEN) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+    with serving(registered) as running:
+        yield running
 
 
 def _chat(
     url: str, content: str = "Hi, my router broke.", model: str = "retune-test", **fields: Any
 ) -> Any:
     body = {"model": model, "messages": [{"role": "user", "content": content}], **fields}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=60)
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth(), timeout=60)
 
 
 def test_the_openai_client_gets_chat_and_text_completions_and_lists_models(
@@ -142,19 +99,19 @@ def test_feedback_is_stored_and_bad_or_unauthorised_feedback_stores_nothing(
     rid = _chat(url, max_tokens=2).json()["id"]
     before = store.count_feedback()
     bad: list[tuple[Any, dict[str, str], int, str]] = [
-        ({}, _auth(), 422, "response_id"),
-        ({"response_id": rid}, _auth(), 422, "rating"),
-        ({"response_id": rid, "rating": "meh"}, _auth(), 422, "rating"),
-        ({"response_id": rid, "score": 1.5}, _auth(), 422, "score"),
-        ({"response_id": rid, "score": "0.5"}, _auth(), 422, "score"),
-        ({"response_id": rid, "rating": "up", "ratng": "up"}, _auth(), 422, "ratng"),
-        ({"response_id": rid, "id": rid, "rating": "up"}, _auth(), 422, "exactly once"),
-        ({"response_id": rid, "rating": "up", "corrected_reply": " "}, _auth(), 422, "blank"),
-        ("not json", _auth(), 422, "JSON object"),
-        ("{not json", {**_auth(), "Content-Type": "application/json"}, 422, "not valid JSON"),
-        ({"response_id": "chatcmpl-unknown", "rating": "up"}, _auth(), 404, "chatcmpl-unknown"),
+        ({}, auth(), 422, "response_id"),
+        ({"response_id": rid}, auth(), 422, "rating"),
+        ({"response_id": rid, "rating": "meh"}, auth(), 422, "rating"),
+        ({"response_id": rid, "score": 1.5}, auth(), 422, "score"),
+        ({"response_id": rid, "score": "0.5"}, auth(), 422, "score"),
+        ({"response_id": rid, "rating": "up", "ratng": "up"}, auth(), 422, "ratng"),
+        ({"response_id": rid, "id": rid, "rating": "up"}, auth(), 422, "exactly once"),
+        ({"response_id": rid, "rating": "up", "corrected_reply": " "}, auth(), 422, "blank"),
+        ("not json", auth(), 422, "JSON object"),
+        ("{not json", {**auth(), "Content-Type": "application/json"}, 422, "not valid JSON"),
+        ({"response_id": "chatcmpl-unknown", "rating": "up"}, auth(), 404, "chatcmpl-unknown"),
         ({"response_id": rid, "rating": "up"}, {}, 401, "RETUNE_SERVE_TOKEN"),
-        ({"response_id": rid, "rating": "up"}, _auth("wrong"), 401, "bearer token"),
+        ({"response_id": rid, "rating": "up"}, auth("wrong"), 401, "bearer token"),
         ({"response_id": rid, "rating": "up"}, {"Authorization": TOKEN}, 401, "bearer token"),
     ]
     for payload, headers, status, words in bad:
@@ -167,7 +124,7 @@ def test_feedback_is_stored_and_bad_or_unauthorised_feedback_stores_nothing(
     good = httpx.post(
         f"{url}/v1/feedback",
         json={"id": rid, "rating": "down", "score": 0.1, "corrected_reply": f"Mail {EMAIL}."},
-        headers=_auth(),
+        headers=auth(),
         timeout=30,
     )
     assert good.status_code == 201 and good.json()["response_id"] == rid
@@ -193,7 +150,7 @@ def test_twenty_concurrent_feedback_clients_lose_nothing(
     lock = threading.Lock()
 
     def client(n: int) -> None:
-        with httpx.Client(base_url=url, headers=_auth(), timeout=60) as http:
+        with httpx.Client(base_url=url, headers=auth(), timeout=60) as http:
             for i in range(10):
                 answer = http.post("/v1/feedback", json={"response_id": rid, "score": i / 10})
                 with lock:
@@ -237,6 +194,169 @@ def test_limits_answer_4xx_naming_the_setting(
     assert default["usage"]["total_tokens"] <= 64
 
 
+def _error(answer: httpx.Response, status: int, param: str | None) -> str:
+    """The message of an OpenAI-shaped error answer, after checking its status and param."""
+    assert answer.status_code == status, answer.text
+    body = answer.json()
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] == param, body
+    message: str = body["error"]["message"]
+    return message
+
+
+def _post_raw(url: str, path: str, body: bytes) -> httpx.Response:
+    headers = {**auth(), "Content-Type": "application/json"}
+    return httpx.post(f"{url}{path}", content=body, headers=headers, timeout=60)
+
+
+def _rows(store: FeedbackStore) -> tuple[int, int]:
+    return store.count_interactions(), store.count_feedback()
+
+
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(
+    server: tuple[str, FeedbackStore],
+) -> None:
+    url, store = server
+    rid = _chat(url, max_tokens=2).json()["id"]
+    before = _rows(store)
+    chat = b'{"model":"retune-test","messages":[{"role":"user","content":"%s"}]}'
+    cases = [
+        # A JSON escape of half a UTF-16 pair, and the same as UTF-8 bytes Python would accept.
+        ("/v1/chat/completions", chat % b"\\ud800", "messages.0.content"),
+        ("/v1/chat/completions", chat % b"ok \xed\xa0\x80", "messages.0.content"),
+        ("/v1/completions", b'{"model":"retune-test","prompt":"\\udfff"}', "prompt"),
+        ("/v1/feedback", b'{"id":"%s","rating":"up","\\ud800":1}' % rid.encode(), "\\ud800"),
+        (
+            "/v1/feedback",
+            b'{"id":"%s","rating":"up","corrected_reply":"a\\udc00"}' % rid.encode(),
+            "corrected_reply",
+        ),
+    ]
+    for path, body, param in cases:
+        assert "lone surrogate" in _error(_post_raw(url, path, body), 400, param), body
+    not_utf8 = _post_raw(url, "/v1/chat/completions", chat % b"\xff\xfe")
+    assert "not UTF-8" in _error(not_utf8, 400, None)
+    assert _rows(store) == before
+    # A pair escaped as JSON allows is one character.
+    emoji = _post_raw(url, "/v1/chat/completions", chat % b"\\ud83d\\ude00")
+    assert emoji.status_code == 200, emoji.text
+
+
+def test_sampling_parameters_out_of_range_are_400_and_tiny_temperatures_are_greedy(
+    server: tuple[str, FeedbackStore],
+) -> None:
+    url, store = server
+    greedy = _chat(url, max_tokens=8).json()["choices"][0]["message"]["content"]
+    # Logits divided by these overflowed to NaN and the sampler failed: served greedy now.
+    for temperature in (1e-30, 5e-324, 0.0099):
+        answer = _chat(url, max_tokens=8, temperature=temperature)
+        assert answer.status_code == 200, (temperature, answer.text)
+        assert answer.json()["choices"][0]["message"]["content"] == greedy
+    before = _rows(store)
+    for seed in (2**64, 2**63, -1, -(2**63) - 1):
+        message = _error(_chat(url, max_tokens=2, temperature=1.0, seed=seed), 400, "seed")
+        assert str(2**63 - 1) in message
+    chat = b'{"model":"retune-test","messages":[{"role":"user","content":"hi"}],%s}'
+    for field in (b'"top_p":NaN', b'"top_p":Infinity', b'"temperature":-Infinity'):
+        param = field.split(b'"')[1].decode()
+        answer = _post_raw(url, "/v1/chat/completions", chat % field)
+        assert "finite" in _error(answer, 422, param)
+    assert _rows(store) == before
+    assert _chat(url, max_tokens=2, temperature=1.0, seed=2**63 - 1).status_code == 200
+
+
+def test_stop_strings_are_bounded_and_cut_the_reply_where_one_appears(
+    server: tuple[str, FeedbackStore],
+) -> None:
+    url, store = server
+    before = _rows(store)
+    # One such stop string held the only generation thread for 151 s.
+    message = _error(_chat(url, max_tokens=2, stop="x" * 60_000), 400, "stop")
+    assert "60000 characters" in message and "at most 256" in message
+    message = _error(_chat(url, max_tokens=2, stop=["a", "b", "c", "d", "e"]), 400, "stop")
+    assert "at most 4" in message
+    assert _rows(store) == before
+
+    sampled = {"max_tokens": 24, "temperature": 1.0, "seed": 3}
+    full = _chat(url, **sampled).json()
+    text = full["choices"][0]["message"]["content"]
+    pairs = (text[i : i + 2] for i in range(3, len(text) - 1))
+    stop = next(pair for pair in pairs if pair.isascii() and pair.isalpha())
+    cut = _chat(url, **sampled, stop=["never-in-it", stop]).json()
+    assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)].strip()
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] < full["usage"]["completion_tokens"]
+
+
+def test_fields_asking_for_what_the_server_cannot_do_are_a_400_naming_them(
+    server: tuple[str, FeedbackStore],
+) -> None:
+    url, store = server
+    before = _rows(store)
+    for field, value in [
+        ("logprobs", True),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("response_format", {"type": "json_object"}),
+        ("presence_penalty", 0.5),
+        ("n", 2),
+    ]:
+        _error(_chat(url, max_tokens=2, **{field: value}), 400, field)
+    assert _rows(store) == before
+    neutral = {"logprobs": False, "tools": [], "response_format": {"type": "text"}, "user": "u1"}
+    assert _chat(url, max_tokens=2, **neutral).status_code == 200
+
+
+def test_a_chat_template_that_refuses_the_messages_is_the_clients_400() -> None:
+    from jinja2 import TemplateError
+
+    from retune.serving import ApiError, render_prompt
+
+    class Strict:
+        def apply_chat_template(self, *_args: Any, **_kwargs: Any) -> str:
+            raise TemplateError("Conversation roles must alternate user/assistant")
+
+    model = ServedModel("m", 1, None, Strict(), 64, datetime.now(UTC))
+    with pytest.raises(ApiError) as exc:
+        render_prompt(model, [{"role": "user", "content": "a"}] * 2, "messages")
+    assert (exc.value.status, exc.value.param) == (400, "messages")
+    assert "alternate" in exc.value.message
+
+
+def test_a_fault_of_the_server_is_a_500_in_openai_shape_and_stores_nothing(
+    registered: Params, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    def broken(name: str, version: int) -> ServedModel:
+        return dataclasses.replace(load_served(name, version), model=object())
+
+    registry = Registry.open(registered.tracking, "retune-test")
+    watcher = ModelWatcher(registry, "production", 60, loader=broken)
+    store = FeedbackStore.open(f"sqlite:///{tmp_path}/fb.db")
+    with serve_in_thread(create_app(registered, store=store, watcher=watcher)) as url:
+        answer = _chat(url, max_tokens=2)
+    assert "server's log" in _error(answer, 500, None)
+    assert answer.json()["error"]["code"] == "internal_error"
+    assert store.count_interactions() == 0
+
+
+def test_the_access_log_shows_no_query_string_and_no_key(
+    registered: Params, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = "sk-proj-Zr8TqX2mVb7LpK4nWc9YhD3sFg6JuA1e"
+    with serving(registered, log_level="info") as (url, _store):
+        assert httpx.get(f"{url}/healthz?token={TOKEN}", timeout=30).status_code == 200
+        assert httpx.get(f"{url}/v1/models/{key}", timeout=30).status_code == 404
+        rejected = httpx.post(f"{url}/v1/feedback?api_key={TOKEN}", json={}, timeout=30)
+        assert rejected.status_code == 401
+    out = capsys.readouterr()
+    logged = out.out + out.err
+    assert '"GET /healthz?[REDACTED] HTTP/1.1" 200' in logged
+    assert '"GET /v1/models/[SECRET] HTTP/1.1" 404' in logged
+    assert '"POST /v1/feedback?[REDACTED] HTTP/1.1" 401' in logged
+    assert TOKEN not in logged and key not in logged
+
+
 def test_without_a_production_version_the_server_says_what_to_run(
     registered: Params, tmp_path: Path
 ) -> None:
@@ -266,7 +386,7 @@ def test_a_moved_alias_is_served_without_restart_and_never_half_loaded(
     params = dataclasses.replace(
         registered, register=dataclasses.replace(registered.register, model_name="retune-reload")
     )
-    v1, v2 = _register(params, tiny_model_dir, times=2)
+    v1, v2 = register_versions(params, tiny_model_dir, times=2)
     registry = Registry.open(params.tracking, "retune-reload")
     registry.move_alias("production", v1, kind="promote", why="test", forced=False, actor="t")
     loading = threading.Event()

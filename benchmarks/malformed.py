@@ -186,6 +186,20 @@ def _json_kinds(root: Path) -> list[Kind]:
             tuple(good),
         )
     )
+    good = _good("lone_surrogate", 1)
+    bad = json.dumps(chat("surrogate-bad")).replace("orange", "\\ud800")
+    (root / "surrogate.json").write_text(f"[\n{bad},\n{json.dumps(chat(good[0]))}\n]\n")
+    kinds.append(
+        Kind(
+            "lone_surrogate_escape",
+            "surrogate.json",
+            2,
+            1,
+            1,
+            frozenset({"malformed_json"}),
+            tuple(good),
+        )
+    )
     good = _good("scalars_in_array", 1)
     (root / "scalars.json").write_text(json.dumps([1, "two", chat(good[0])], indent=1))
     kinds.append(
@@ -417,6 +431,10 @@ def _file_kinds(root: Path, outside: Path) -> list[Kind]:
     kinds.append(Kind("dotfile", ".hidden.jsonl", skipped="hidden"))
     (root / "notes.md").write_text(f"# {OUTSIDE}\n")
     kinds.append(Kind("unsupported_extension", "notes.md", skipped="unsupported"))
+    good = _good("undecodable_name", 1)
+    name = os.fsdecode(b"name-\xff.jsonl")  # not UTF-8: the OS hands it over escaped
+    _lines(root / name, [chat(good[0])])
+    kinds.append(Kind("file_name_not_utf8", name, 1, 1, 0, good=tuple(good)))
     good = _good("folder_named_jsonl", 1)
     _lines(root / "folder.jsonl" / "inner.jsonl", [chat(good[0])])
     kinds.append(

@@ -34,10 +34,26 @@ def pseudonym(original: str, redacted: str) -> str:
     return f"{redacted}-{hashlib.sha256(original.encode('utf-8')).hexdigest()[:16]}"
 
 
+def text_name(name: str) -> str:
+    """A file name as text that can be stored: bytes that are not UTF-8 (which the OS hands
+    over as lone surrogates) written as `\\xff` escapes."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape" if _os_escaped(name) else "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace")
+    return name
+
+
+def _os_escaped(name: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in name)
+
+
 def stored_name(source: str, redactor: Redactor) -> str:
     """How ingest stores an input file's name (relative to incoming, posix) in records, reports
-    and quarantine: each folder and file name with its personal data redacted (a pseudonym), the
-    extension kept. A name without personal data is stored as it is."""
+    and quarantine: as text (`text_name`), each folder and file name with its personal data
+    redacted (a pseudonym), the extension kept. A name without either is stored as it is."""
+    source = text_name(source)
     parts = list(PurePosixPath(source).parts)
     redacted, counts = redactor.redact_many(parts)
     if not counts:
@@ -142,9 +158,11 @@ def trace(paths: PathsParams, source: str) -> list[Step]:
     data is looked up as stored (redacted with every kind, which is ingest's default)."""
     from retune.pii import Redactor  # only `retune trace` needs the detectors here
 
-    steps = _trace(paths, source)
-    stored = stored_name(source, Redactor())
-    return steps if steps or stored == source else _trace(paths, stored)
+    for name in dict.fromkeys([text_name(source), stored_name(source, Redactor())]):
+        steps = _trace(paths, name)
+        if steps:
+            return steps
+    return []
 
 
 def _trace(paths: PathsParams, source: str) -> list[Step]:

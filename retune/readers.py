@@ -513,6 +513,14 @@ def _document_units(text: str) -> Iterator[tuple[Any, int, int, int]]:
         )
 
 
+def _lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def read_document(
     plan: Plan, st: FileStats, sink: Sink, cols: ColumnsParams, fh: BinaryIO, encoding: str
 ) -> Iterator[dict]:
@@ -546,6 +554,13 @@ def read_document(
         if len(unit) > sink.line_limit:
             detail = too_large(f"the value at line {line}", len(unit), sink.line_limit)
             sink.reject(st, "too_large", detail + _NOT_JSON_LINES, line, None)
+            continue
+        if "\\u" in unit and _lone_surrogate(obj):
+            detail = (
+                "a \\u escape in it is half a surrogate pair, not a character (as JSON Lines "
+                "readers refuse it too); write the character itself, or the whole pair"
+            )
+            sink.reject(st, "malformed_json", detail, line, unit)
             continue
         row = _offer_object(st, sink, cols, obj, unit, line, unit)
         if row is not None:

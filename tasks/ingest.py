@@ -19,7 +19,7 @@ from typing import Any
 from retune.config import ColumnsParams, IngestParams, Params
 from retune.entry import stage_main, stage_task
 from retune.errors import IngestError
-from retune.lineage import data_version, stored_name
+from retune.lineage import data_version, stored_name, text_name
 from retune.long_tables import read_long
 from retune.pii import Redactor
 from retune.readers import (
@@ -144,7 +144,8 @@ def _plan(
             if not columns:
                 skipped.append((rel, "empty"))
                 continue
-            plan = Plan(path, source, kind, root, layout(columns, cols, path), columns)
+            shape = layout(columns, cols, text_name(str(path)))
+            plan = Plan(path, source, kind, root, shape, columns)
         plans.append(plan)
     out = [
         {"file": stored_name(rel, redactor), "reason": reason, "detail": SKIPPED[reason]}

@@ -413,3 +413,15 @@ def test_a_reader_failing_on_one_file_does_not_stop_the_others(tmp_path: Path) -
     assert (entry["source"], entry["reason"]) == ("b.txt", "read_error")
     assert "ZeroDivisionError" in entry["detail"] and "report" in entry["detail"]
     assert result.n_records == 1 and result.report["accounted"] is True
+
+
+def test_a_file_name_that_is_not_utf8_is_stored_escaped_and_traced(tiny_params: Params) -> None:
+    paths = tiny_params.paths
+    name = os.fsdecode(b"caf\xe9.jsonl")  # Latin-1 on disk: the OS gives a lone surrogate
+    _write(paths.incoming / name, [chat("named"), "{broken"])
+    result = run(tiny_params)
+    assert list(result.report["by_file"]) == ["caf\\xe9.jsonl"]
+    assert [(s.line, s.outcome) for s in trace(paths, name)] == [
+        (1, "prepared"),
+        (2, "quarantined"),
+    ]

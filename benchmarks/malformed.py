@@ -307,6 +307,12 @@ def _parquet_kinds(root: Path) -> list[Kind]:
     kinds.append(
         Kind("parquet_not_parquet", "not_parquet.parquet", 1, 0, 1, frozenset({"corrupt_file"}))
     )
+    path = root / "column_name.parquet"
+    pq.write_table(pa.table({"text": ["colname-bad"], "badname": [1]}), path)
+    path.write_bytes(path.read_bytes().replace(b"badname", b"bad\xd9ame"))  # not UTF-8
+    kinds.append(
+        Kind("parquet_column_name_not_utf8", path.name, 1, 0, 1, frozenset({"corrupt_file"}))
+    )
     good = _good("row_group", 10)
     texts_ = [f"Document {m} about routers." for m in good[:5]]
     texts_ += [f"Document rowgroup-bad-{i}." for i in range(5)]

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from retune.config import ColumnsParams
 from retune.readers import FileStats, Plan, ReadFailure, b64, open_input, type_name
 from retune.tables import (
+    PARQUET_ERRORS,
     RowIssue,
     csv_records,
     csv_row_issue,
@@ -201,7 +202,7 @@ def _read_parquet(plan: Plan, st: FileStats, limit: int) -> pa.Table:
         try:
             pf = pq.ParquetFile(fh)
             n = pf.metadata.num_rows
-        except (pa.ArrowException, OSError) as exc:
+        except PARQUET_ERRORS as exc:
             raise ReadFailure(0, "corrupt_file", parquet_problem(exc)) from None
         st.rows += n
         held = "; the whole table is held back, as its conversations may continue there"
@@ -210,7 +211,7 @@ def _read_parquet(plan: Plan, st: FileStats, limit: int) -> pa.Table:
                 raise ReadFailure(0, "too_large", problem + held)
         try:
             table: pa.Table = pf.read()
-        except (pa.ArrowException, OSError) as exc:
+        except PARQUET_ERRORS as exc:
             raise ReadFailure(0, "corrupt_file", parquet_problem(exc) + held) from None
     return table
 

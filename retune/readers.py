@@ -166,8 +166,8 @@ class LineSource:
     its end without being held and raises Overlong (the next call goes on). UTF-16/32 with a
     byte-order mark is decoded; text that does not decode raises ReadFailure.
 
-    `next()` gives UTF-8 bytes split at `\n`; `next_text()` text split as csv expects
-    (`\n`, `\r\n` or a lone `\r`; bytes that are not UTF-8 as lone surrogates)."""
+    `next()` gives UTF-8 bytes split at LF; `next_text()` text split as csv expects (at LF,
+    CRLF or a lone CR; bytes that are not UTF-8 as lone surrogates)."""
 
     def __init__(self, fh: BinaryIO, limit: int, csv_text: bool = False) -> None:
         self.fh, self.limit, self.lineno = fh, limit, 0

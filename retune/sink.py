@@ -77,7 +77,7 @@ def _keys_in(value: Any) -> list[str]:
 def _with_keys(value: Any, keys: Iterator[str]) -> Any:
     """`value` with its keys replaced, in `_keys_in` order, by the next of `keys`."""
     if isinstance(value, dict):
-        # A dict display evaluates each key before its value: the order `_keys_in` lists them.
+        # A comprehension evaluates each key before its value: the order `_keys_in` lists them.
         return {next(keys): _with_keys(v, keys) for v in value.values()}
     if isinstance(value, list):
         return [_with_keys(v, keys) for v in value]

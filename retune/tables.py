@@ -243,6 +243,11 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+# What pyarrow raises for a file it cannot read: its own errors (ArrowInvalid is a
+# ValueError), I/O errors, and UnicodeDecodeError (a ValueError) for names that are not UTF-8.
+PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError)
+
+
 def parquet_problem(exc: Exception) -> str:
     return (
         f"not a readable Parquet file ({exc}); write it again (pandas `to_parquet`, pyarrow "
@@ -264,7 +269,7 @@ def parquet_columns(plan: Plan) -> tuple[str, ...]:
     with open_input(plan) as fh:
         try:
             schema = pq.read_schema(fh)
-        except (pa.ArrowException, OSError) as exc:
+        except PARQUET_ERRORS as exc:
             raise ReadFailure(0, "corrupt_file", parquet_problem(exc)) from None
     deepest = max((_type_depth(f.type) for f in schema), default=0)
     if deepest > MAX_DEPTH:
@@ -329,7 +334,7 @@ def _parquet_rows(plan: Plan, st: FileStats, sink: Sink) -> Iterator[tuple[int, 
     with open_input(plan) as fh:
         try:
             pf = pq.ParquetFile(fh)
-        except (pa.ArrowException, OSError) as exc:
+        except PARQUET_ERRORS as exc:
             raise ReadFailure(0, "corrupt_file", parquet_problem(exc)) from None
         row_no = 0
         for g in range(pf.num_row_groups):
@@ -362,7 +367,7 @@ def _parquet_rows(plan: Plan, st: FileStats, sink: Sink) -> Iterator[tuple[int, 
                             yield row_no, row
                     if row_no // PROGRESS_EVERY != (row_no - batch.num_rows) // PROGRESS_EVERY:
                         print(f"ingest:   {st.source}: {row_no} rows ...", flush=True)
-            except (pa.ArrowException, OSError) as exc:
+            except PARQUET_ERRORS as exc:
                 if done < n:
                     st.rows += n - done
                     detail = (

@@ -141,6 +141,9 @@ def _plan(
             except ReadFailure as exc:
                 plans.append(Plan(path, source, kind, root, failure=exc))
                 continue
+            except Exception as exc:  # one file retune fails on must not stop the others
+                plans.append(Plan(path, source, kind, root, failure=_bug(exc)))
+                continue
             if not columns:
                 skipped.append((rel, "empty"))
                 continue
@@ -160,6 +163,14 @@ def _plan(
             "`make data` (or `retune sample`) to write the sample corpus."
         )
     return plans, out
+
+
+def _bug(exc: Exception) -> ReadFailure:
+    detail = (
+        f"retune failed reading it ({type(exc).__name__}: {exc}); please report this bug (the "
+        "rest of the data was ingested)"
+    )
+    return ReadFailure(0, "read_error", detail)
 
 
 def _quarantine_rest(sink: Sink, st: FileStats, exc: ReadFailure) -> None:
@@ -192,11 +203,7 @@ def _rows(
         except ReadFailure as exc:
             _quarantine_rest(sink, st, exc)
         except Exception as exc:  # one file retune fails on must not stop the others
-            detail = (
-                f"retune failed reading it ({type(exc).__name__}: {exc}); please report this "
-                "bug (the rest of the data was ingested)"
-            )
-            _quarantine_rest(sink, st, ReadFailure(0, "read_error", detail))
+            _quarantine_rest(sink, st, _bug(exc))
         formats = ", ".join(sorted(st.formats)) or plan.layout or plan.kind
         print(
             f"ingest: {plan.source} ({formats}): {st.rows} rows, {st.accepted} accepted, "

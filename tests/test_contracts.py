@@ -75,3 +75,54 @@ def test_imports_go_one_way() -> None:
         assert "flows" not in imported, f"{path} imports flows"
         others = {i for i in imported if i.startswith("tasks.")}
         assert not others, f"{path} imports another stage: {others}"
+
+
+def _retune_modules(path: Path) -> set[str]:
+    """The `retune` modules a file imports (anywhere in it: lazy imports count), dotted."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from retune import dedup` imports the module retune.dedup.
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n == "retune" or n.startswith("retune.")}
+    return found
+
+
+def _module_file(name: str) -> Path | None:
+    base = ROOT / Path(*name.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def retune_closure(path: Path) -> set[str]:
+    """Every file under retune/ that running `path` can import, as repo-relative paths: the
+    stage's real code dependencies."""
+    seen: set[Path] = set()
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        for name in _retune_modules(current):
+            file = _module_file(name)
+            if file is not None and file not in seen:
+                seen.add(file)
+                todo.append(file)
+    # Metric modules are loaded by path (`evaluate.load("retune/metrics/x.py")`), not imported.
+    return {f.relative_to(ROOT).as_posix() for f in seen if f.name != "__init__.py"}
+
+
+def test_dvc_code_deps_are_each_stages_import_closure() -> None:
+    for name, stage in DVC.items():
+        listed = {d for d in stage.get("deps", []) if isinstance(d, str) and "${" not in d}
+        listed_code = {d for d in listed if d.startswith("retune/") and d.endswith(".py")}
+        needed = retune_closure(ROOT / "tasks" / f"{name}.py")
+        assert f"tasks/{name}.py" in listed, f"dvc.yaml stage {name}: its own module"
+        missing, extra = sorted(needed - listed_code), sorted(listed_code - needed)
+        assert not missing and not extra, (
+            f"dvc.yaml stage {name}: add {missing} to its deps, remove {extra}"
+        )

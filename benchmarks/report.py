@@ -17,7 +17,17 @@ from benchmarks.common import RESULTS, ROOT, git_commit, machine
 
 OUTPUT = ROOT / "BENCHMARKS.md"
 # The order the tables appear in; others follow alphabetically.
-ORDER = ("train", "overhead", "reruns", "data_prep", "pii", "hygiene", "serve")
+ORDER = (
+    "train",
+    "overhead",
+    "busy_start",
+    "reruns",
+    "data_prep",
+    "pii",
+    "hygiene",
+    "serve",
+    "malformed",
+)
 
 INTRO = """\
 # Benchmarks

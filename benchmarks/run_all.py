@@ -19,9 +19,19 @@ from benchmarks.common import PYTHON, RESULTS, ROOT, bench_env
 from benchmarks.report import OUTPUT, write_report
 
 # In the order they run: the training comparison first, while the machine is freshest.
-BENCHMARKS = ("train", "overhead", "reruns", "data_prep", "pii", "hygiene", "serve", "malformed")
+BENCHMARKS = (
+    "train",
+    "overhead",
+    "busy_start",
+    "reruns",
+    "data_prep",
+    "pii",
+    "hygiene",
+    "serve",
+    "malformed",
+)
 # The smallest-size flag of each; the others take --smoke.
-SMOKE_ARGS = {"pii": ["--n", "20"]}
+SMOKE_ARGS = {"pii": ["--n", "20"], "busy_start": ["--smoke", "--runs", "1"]}
 
 
 def out_args(name: str, out: Path) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import data_prep, malformed, overhead, reruns, run_all
+from benchmarks import busy_start, data_prep, malformed, overhead, reruns, run_all
 from benchmarks.report import meets, write_report
 
 
@@ -99,3 +99,12 @@ def test_malformed_runs_retune_ingest_on_every_kind_without_a_traceback(tmp_path
     assert rows["mismatches"]["value"] == rows["leaks"]["value"] == 0
     assert rows["rows_in"]["value"] == rows["accepted"]["value"] + rows["quarantined"]["value"]
     assert rows["deep_5000: deep_5000.jsonl"]["note"] == "accepted 2, quarantined 1 (too_deep)"
+
+
+@pytest.mark.slow
+def test_busy_start_runs_a_first_run_with_every_core_busy(tmp_path: Path) -> None:
+    assert busy_start.main(["--runs", "1", "--smoke", "--out", str(tmp_path)]) == 0
+    rows = rows_of(tmp_path, "busy_start")
+    assert rows["runs_passed"]["value"] == 1
+    assert rows["processes_left_behind"]["value"] == rows["tracebacks"]["value"] == 0
+    assert rows["prefect_wait_max"]["value"] > 0

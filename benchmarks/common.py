@@ -273,3 +273,19 @@ def chosen_sizes(
     if sizes:
         return tuple(int(s) for s in sizes.split(","))
     return smallest if smoke else full
+
+
+def session_processes(sid: int) -> list[str]:
+    """Processes alive in session `sid` (what a command started in a session of its own, and
+    may have left behind), from /proc: Linux only."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state, ppid, pgrp, session, ...
+        fields = text.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found.append(text.split(" ", 2)[1])
+    return found

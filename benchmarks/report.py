@@ -21,6 +21,7 @@ ORDER = (
     "train",
     "overhead",
     "busy_start",
+    "interrupt",
     "reruns",
     "data_prep",
     "pii",

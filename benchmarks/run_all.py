@@ -23,6 +23,7 @@ BENCHMARKS = (
     "train",
     "overhead",
     "busy_start",
+    "interrupt",
     "reruns",
     "data_prep",
     "pii",

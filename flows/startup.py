@@ -14,8 +14,10 @@ libraries its stages use, so the wait is not idle.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import importlib
+import logging
 import os
 import socket
 import subprocess
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 from retune.config import Params
+from retune.entry import debug_requested
 from retune.errors import RetuneError
 from retune.tracking import setup_tracking
 
@@ -214,6 +217,37 @@ def _warm(params: Params, until: threading.Event) -> None:
     gc.freeze()
 
 
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as `inner` does, less its traceback: the command ends with one line
+    that says what failed and how to see the traceback (--debug)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            # A copy: the same record also goes to the Prefect server, traceback and all.
+            record = copy.copy(record)
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return self.inner.format(record)
+
+
+def console_without_tracebacks() -> None:
+    """Keep tracebacks of failed tasks and flows out of the terminal unless the user asked for
+    them (--debug / RETUNE_DEBUG=1); the Prefect server's copy of each log keeps them."""
+    if debug_requested():
+        return
+    import prefect.main  # noqa: F401  (sets up Prefect's logging, console handler included)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(
+            handler.formatter, _WithoutTraceback
+        ):
+            handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
+
+
 @contextlib.contextmanager
 def prefect_api(params: Params | None = None) -> Iterator[str]:
     """The Prefect API URL for the flows run inside the block (see the module doc).
@@ -222,6 +256,7 @@ def prefect_api(params: Params | None = None) -> Iterator[str]:
     temporary server starts. A temporary server is stopped when the block exits."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
+    console_without_tracebacks()
     timeout_s = startup_timeout_s()
     configured = PREFECT_API_URL.value()
     if configured:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import busy_start, data_prep, malformed, overhead, reruns, run_all
+from benchmarks import busy_start, data_prep, interrupt, malformed, overhead, reruns, run_all
 from benchmarks.report import meets, write_report
 
 
@@ -108,3 +108,12 @@ def test_busy_start_runs_a_first_run_with_every_core_busy(tmp_path: Path) -> Non
     assert rows["runs_passed"]["value"] == 1
     assert rows["processes_left_behind"]["value"] == rows["tracebacks"]["value"] == 0
     assert rows["prefect_wait_max"]["value"] > 0
+
+
+@pytest.mark.slow
+def test_interrupt_smoke_kills_a_real_run_and_counts_what_is_left(tmp_path: Path) -> None:
+    assert interrupt.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = rows_of(tmp_path, "interrupt")
+    assert rows["left_behind_SIGKILL"]["value"] == 0
+    # It was killed while the run and its Prefect server were both up.
+    assert "2 processes in the run's session" in rows["left_behind_SIGKILL"]["note"]

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from benchmarks.common import session_processes
 from retune.cli import app
 from retune.config import ConfigError, load_params, to_plain
 from retune.errors import MissingInputError
@@ -24,21 +25,6 @@ from tests.conftest import tiny_params_for
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-def session_processes(sid: int) -> list[str]:
-    """Processes alive in session `sid` (what a run started and may have left behind)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state, ppid, pgrp, session, ...
-        fields = text.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            found.append(text.split(" ", 2)[1])
-    return found
 
 
 def wait_until_gone(sid: int, timeout_s: float = 60.0) -> list[str]:
@@ -63,16 +49,30 @@ def slow_server_site(tmp_path: Path, delay_s: float) -> Path:
 
 PROBE = """
     import os, sys, time
-    from prefect import flow
+    from prefect import flow, task
     from flows.startup import prefect_api
+    from retune.errors import RetuneError
 
     @flow
     def probe() -> int:
         return 42
 
+    @task
+    def refuse() -> None:
+        raise RetuneError("data/x is missing: run the `ingest` stage first")
+
+    @flow
+    def failing() -> None:
+        refuse()
+
     with prefect_api() as url:
         print("ready", url, flush=True)
         print("result", probe(), flush=True)
+        if os.environ.get("FAIL_IN_TASK"):
+            try:
+                failing()
+            except RetuneError as exc:
+                print("caught", exc, flush=True)
         if os.environ.get("HOLD"):
             time.sleep(600)
         if os.environ.get("FAIL"):
@@ -125,6 +125,17 @@ def test_a_start_past_the_limit_names_the_setting_and_leaves_no_process(tmp_path
     assert "did not answer within 3 s" in out
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in out
     assert wait_until_gone(proc.pid) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_a_failed_task_shows_its_traceback_only_when_asked(tmp_path: Path, debug: str) -> None:
+    proc = start_probe(tmp_path, {"FAIL_IN_TASK": "1", "RETUNE_DEBUG": debug})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "caught data/x is missing" in out
+    assert "Task run failed with exception" in out  # Prefect still says what failed
+    assert ("Traceback (most recent call last)" in out) == bool(debug)
 
 
 @pytest.mark.slow

@@ -152,6 +152,19 @@ _TRUNK = re.compile(r"(?<![\d\-./:,])\(?[08][ (]*\d")
 _ASCII_ALNUM = frozenset(string.ascii_letters + string.digits)
 _GROUPED = re.compile(r"\d[ \t\u00a0().\-/]+\d")
 _MARGIN = 8
+# phonenumbers' matcher costs more per character the longer the text it reads (a 50 KB run of
+# "1 1 1 ..." took seconds per region), so a run longer than this is read in parts where it
+# lists numbers (_LIST_SEP), and a part longer than this in pieces this long, each from the
+# first digit group past the middle of the one before: a number up to half a piece long lies
+# whole in one of them.
+_PIECE = 64
+# Scans (one region's matcher over one run or piece, up to half a millisecond) per text: enough
+# for a few hundred ordinary runs (no text of the benchmark corpus takes 70). A text with more
+# is a table or a flood of digits; the runs left once they are spent are redacted whole, unread:
+# over-redaction is the privacy-safe side, and no text can hold the CPU for long.
+PHONE_SCANS_PER_TEXT = 300
+_DIGIT_GROUP = re.compile(r"\d+")
+_LIST_SEP = re.compile(r"\s*/\s*|\s{2,}|\.\s+|\s[\-\u2010-\u2015]\s")
 
 
 @lru_cache(maxsize=1)
@@ -213,52 +226,169 @@ def _starts_with_trunk(p: Any, trunk: str) -> bool:
     return bool(p.raw_string.lstrip("(").startswith(trunk))
 
 
-def _phones(text: str, candidates: re.Pattern[str], runs: Runs | None = None) -> list[Match]:
+def _scan(window: str, region: str, leniency: Any) -> list[Any]:
+    """phonenumbers' matches in `window`, read as written in `region`: the detector's one call
+    into the matcher, the unit of its budget."""
+    import phonenumbers
+
+    return list(phonenumbers.PhoneNumberMatcher(window, region, leniency))
+
+
+def _phone_spans(window: str, start: int, end: int) -> tuple[list[tuple[int, int]], int]:
+    """Spans of the phone numbers in `window` (its candidate `window[start:end]` with some text
+    either side), and how many scans that took: the default region first, then the regions its
+    trunk prefix or grouping suggest, until every digit of the candidate is in a number."""
     import phonenumbers
 
     valid, grouped = phonenumbers.Leniency.VALID, phonenumbers.Leniency.EXACT_GROUPING
+    run = window[start:end]
+    passes: list[tuple[str, Any, Callable[[Any], bool]]] = [
+        (PHONE_DEFAULT_REGION, valid, lambda p: True)
+    ]
+    if _TRUNK.search(run):
+        passes += [
+            (region, valid, partial(_starts_with_trunk, trunk=trunk))
+            for region, trunk in _trunk_prefixes()
+        ]
+    if _GROUPED.search(run) and window[start - 1 : start] != "+":
+        passes += [
+            (region, grouped, lambda p: _GROUPED.search(p.raw_string) is not None)
+            for region in PHONE_GROUPED_REGIONS
+        ]
+    digits = {i for i in range(start, end) if window[i].isdigit()}
+    found: list[tuple[int, int]] = []
+    scans = 0
+    for region, leniency, accept in passes:
+        scans += 1
+        found.extend(
+            (p.start, p.end)
+            for p in _scan(window, region, leniency)
+            if accept(p) and not _NOT_PHONE_SHAPE.fullmatch(window, p.start, p.end)
+        )
+        # Every digit of the candidate is in a number already: other countries cannot add one.
+        if found and digits <= {i for s, e in found for i in range(s, e)}:
+            break
+    return found, scans
+
+
+class _Scans:
+    """`_phone_spans` for one text: at most `PHONE_SCANS_PER_TEXT` scans (plus the regions of
+    the window that spends the last), and each distinct window scanned once, so that a text
+    repeating itself ("1 1 1 ...", one number pasted many times) costs what one copy does."""
+
+    def __init__(self) -> None:
+        self.left = PHONE_SCANS_PER_TEXT
+        self._seen: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+
+    def spans(self, text: str, lo: int, hi: int, start: int, end: int) -> Runs | None:
+        """Phone numbers in `text[lo:hi]` around the candidate `text[start:end]`; None once
+        the budget is spent."""
+        key = (text[lo:hi], start - lo, end - lo)
+        found = self._seen.get(key)
+        if found is None:
+            if self.left <= 0:
+                return None
+            found, scans = _phone_spans(*key)
+            self.left -= scans
+            self._seen[key] = found
+        return [(lo + s, lo + e) for s, e in found]
+
+
+def _parts(text: str, start: int, end: int) -> Runs:
+    """The run `text[start:end]` cut where it lists numbers ("030 1234567 / 0171 2345678"); a
+    part with too few digits for a number stays with the next ("030 / 1234567 / ...")."""
+    parts: Runs = []
+    part = seg = start
+    digits = 0
+    for sep in _LIST_SEP.finditer(text, start, end):
+        digits += sum(map(str.isdigit, text[seg : sep.start()]))
+        seg = sep.end()
+        if digits >= 7:
+            parts.append((part, sep.start()))
+            part, digits = seg, 0
+    if parts and digits + sum(map(str.isdigit, text[seg:end])) < 7:
+        parts[-1] = (parts[-1][0], end)
+    else:
+        parts.append((part, end))
+    return parts
+
+
+def _part_phones(
+    text: str, lo: int, hi: int, start: int, end: int, scans: _Scans, out: Runs
+) -> int | None:
+    """Add to `out` the phone numbers in `text[start:end]` (a run or part of one, read with
+    `text[lo:start]` and `text[end:hi]` around it), in pieces if it is longer than `_PIECE`.
+    Returns where it stopped reading if `scans` ran out, else None."""
+    if end - start <= _PIECE:
+        found = scans.spans(text, lo, hi, start, end)
+        if found is None:
+            return start
+        out += found
+        return None
+    groups = [g.span() for g in _DIGIT_GROUP.finditer(text, start, end)]
+    i = j = 0
+    while True:
+        a = groups[i][0]
+        j = max(i, j)
+        while j + 1 < len(groups) and groups[j + 1][1] <= a + _PIECE:
+            j += 1
+        b = min(groups[j][1], a + _PIECE)  # a group longer than a piece is no number: cut it
+        last = j + 1 == len(groups)
+        # A piece inside the part starts after the digits before it, so that the matcher starts
+        # reading where a number may start, and ends after a digit group.
+        found = scans.spans(
+            text, lo if i == 0 else groups[i - 1][1], hi if last and b == end else b, a, b
+        )
+        if found is None:
+            return a
+        if last:
+            out += found
+            return None
+        # A number near the end of a piece may run on past it: the next piece reads it whole,
+        # from the first group past the middle of this one or past the numbers found in it.
+        middle = a + _PIECE // 2
+        kept = [(s, e) for s, e in found if s < middle]
+        out += kept
+        resume = max([middle, *(e for _, e in kept)])
+        i += 1
+        while i < len(groups) and groups[i][0] < resume:
+            i += 1
+        if i == len(groups):
+            return None
+
+
+def _run_phones(text: str, start: int, end: int, scans: _Scans) -> Runs:
+    """Spans of the phone numbers in the digit run `text[start:end]`. A run longer than
+    `_PIECE` is read in parts where it lists numbers, and in pieces of a part still longer;
+    what is left of it once `scans` is spent is one span, unread."""
+    parts = [(start, end)] if end - start <= _PIECE else _parts(text, start, end)
+    out: Runs = []
+    for k, (a, b) in enumerate(parts):
+        # Some text either side (the matcher rejects digits glued to letters, and a date
+        # followed by ":24:05", a time stamp), but no digits of the parts either side.
+        lo = max(start - _MARGIN, 0) if k == 0 else parts[k - 1][1]
+        hi = min(end + _MARGIN, len(text)) if k == len(parts) - 1 else parts[k + 1][0]
+        stop = _part_phones(text, lo, hi, a, b, scans, out)
+        if stop is not None:
+            if sum(map(str.isdigit, text[stop:end])) >= 7:
+                out.append((stop, end))
+            break
+    return out
+
+
+def _phones(text: str, candidates: re.Pattern[str], runs: Runs | None = None) -> list[Match]:
+    scans = _Scans()
     out: list[Match] = []
     for m in _within(text, candidates, runs, 7):
         start, end = m.span()
-        if _skip_run(text, start, end):
-            continue
-        run = m[0]
-        # Some text either side: the matcher rejects digits glued to letters, and a date
-        # followed by ":24:05" (a time stamp).
-        lo = max(start - _MARGIN, 0)
-        window = text[lo : min(end + _MARGIN, len(text))]
-        passes: list[tuple[str, Any, Callable[[Any], bool]]] = [
-            (PHONE_DEFAULT_REGION, valid, lambda p: True)
-        ]
-        if _TRUNK.search(run):
-            passes += [
-                (region, valid, partial(_starts_with_trunk, trunk=trunk))
-                for region, trunk in _trunk_prefixes()
-            ]
-        if _GROUPED.search(run) and text[start - 1 : start] != "+":
-            passes += [
-                (region, grouped, lambda p: _GROUPED.search(p.raw_string) is not None)
-                for region in PHONE_GROUPED_REGIONS
-            ]
-        digits = {i for i in range(start, end) if text[i].isdigit()}
-        found: list[tuple[int, int]] = []
-        for region, leniency, accept in passes:
-            found.extend(
-                (lo + p.start, lo + p.end)
-                for p in phonenumbers.PhoneNumberMatcher(window, region, leniency)
-                if accept(p) and not _NOT_PHONE_SHAPE.fullmatch(window, p.start, p.end)
-            )
-            # Every digit of the run is in a number already: other countries cannot add one.
-            if found and digits <= {i for s, e in found for i in range(s, e)}:
-                break
-        out.extend(Match("phone", s, e, _PRIORITY["phone"]) for s, e in found)
+        if not _skip_run(text, start, end):
+            found = _run_phones(text, start, end, scans)
+            out.extend(Match("phone", s, e, _PRIORITY["phone"]) for s, e in found)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Payment cards: 13-19 digits on group boundaries, a known issuer prefix, Luhn.
-
-_CARD_GROUP = re.compile(r"\d+")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -317,7 +447,7 @@ def _card_layout(lengths: list[int]) -> bool:
 def _cards(text: str, candidates: re.Pattern[str], runs: Runs | None = None) -> list[Match]:
     out: list[Match] = []
     for m in _within(text, candidates, runs, 13):
-        groups = [(g.start() + m.start(), g.end() + m.start()) for g in _CARD_GROUP.finditer(m[0])]
+        groups = [(g.start() + m.start(), g.end() + m.start()) for g in _DIGIT_GROUP.finditer(m[0])]
         lengths = [e - s for s, e in groups]
         # A card starts the run, or follows one short group ("qty 2 4111 ...") or another card;
         # a match deeper inside a long run of groups (a 22-digit tracking number) is chance.

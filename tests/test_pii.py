@@ -257,6 +257,54 @@ def test_secret_families_find_what_their_patterns_match() -> None:
         assert list(_assignments(text)) == expected, text
 
 
+def test_digit_floods_cost_a_bounded_number_of_phone_scans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twenty 50 KB feedback corrections of "1 1 1 ..." held a chat for a minute: phonenumbers
+    read each run of digits whole, once per region. A long run is now read in short pieces,
+    each distinct piece once, and a text gets `PHONE_SCANS_PER_TEXT` scans; the runs left after
+    them are redacted unread."""
+    import retune.pii as pii
+
+    scans: list[str] = []
+    scan = pii._scan
+
+    def counting(window: str, region: str, leniency: object) -> list[object]:
+        scans.append(window)
+        return scan(window, region, leniency)
+
+    monkeypatch.setattr(pii, "_scan", counting)
+    regions = 1 + len(pii.PHONE_TRUNK_REGIONS) + len(pii.PHONE_GROUPED_REGIONS)
+    # Per pass of `redact` (four at most): the budget, overrun by the regions of the last piece.
+    most = 4 * (pii.PHONE_SCANS_PER_TEXT + regions)
+
+    ones = "1 " * 200_000  # 400 KB, no phone number in it
+    assert redact(ones) == (ones, {})
+    assert len(scans) <= 3 * regions  # its first, middle and last pieces, once each
+    assert max(map(len, scans)) <= pii._PIECE + 2 * pii._MARGIN  # not the whole run
+
+    scans.clear()
+    numbers = ", ".join(f"415-555-{i:04d}" for i in range(5000))  # more than the budget reads
+    assert redact(numbers) == (", ".join(["[PHONE]"] * 5000), {"phone": 5000})
+    assert len(scans) <= most
+
+    scans.clear()
+    rng = random.Random(0)
+    soup = " ".join(rng.choices("0123456789", k=32_000))  # every piece a different one
+    out, counts = redact(soup)
+    assert find(out) == [] and counts["phone"] >= 1
+    assert sum(c.isdigit() for c in out) < 1000  # the runs past the budget, redacted unread
+    assert len(scans) <= most
+    assert max(map(len, scans)) <= pii._PIECE + 2 * pii._MARGIN
+
+    # A run too long to read at once is read in parts where it lists numbers.
+    listed = ["+1 415 555 0132", "030 12345678", "+44 20 7946 0958", "612 33 99 13",
+              "(415) 555-0187", "0044 20 7946 0959", "03-1234-5678", "415.555.0199"]  # fmt: skip
+    for sep in (" / ", " - ", ". "):
+        text = f"Numbers: {sep.join(listed)}."
+        assert redact(text) == (f"Numbers: {sep.join(['[PHONE]'] * 8)}.", {"phone": 8}), sep
+
+
 def test_many_matches_resolve_in_one_pass() -> None:
     text = "mail a@b.io or call 415-555-0132; " * 3000
     out, counts = redact(text)

@@ -46,7 +46,7 @@ NOOP_REPEATS = 3
 # report rerun, and nothing upstream of evaluate may.
 CHANGED_PARAM = ("evaluate.max_new_tokens", 40)
 # `retune` with the copy's own code: the console script would import the repository's.
-RETUNE = [PYTHON, "-c", "import sys; from retune.cli import main; sys.argv[0] = 'retune'; main()"]
+RETUNE = [PYTHON, "-c", "import sys; from flows.cli import main; sys.argv[0] = 'retune'; main()"]
 _RAN = re.compile(r"Running stage '([^']+)'")
 _EDGE = re.compile(r'^"([^"]+)" -> "([^"]+)";', re.MULTILINE)
 _NODE = re.compile(r'^"([^"]+)";', re.MULTILINE)

@@ -11,17 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 from retune.config import ConfigError, Params
 from retune.errors import RetuneError
-from retune.events import DRIFT_EVENT, model_resource_id
+from retune.events import (
+    DATA_CHECK_DEPLOYMENT,
+    DRIFT_CHECK_DEPLOYMENT,
+    DRIFT_EVENT,
+    RETRAIN_DEPLOYMENT,
+    model_resource_id,
+)
 
 if TYPE_CHECKING:
     from prefect import Flow
     from prefect.deployments.runner import RunnerDeployment
     from prefect.schedules import Schedule
 
-# Deployment names in Prefect's "<flow name>/<deployment name>" form.
-RETRAIN_DEPLOYMENT = "retrain/retrain"
-DATA_CHECK_DEPLOYMENT = "data-check/data-check"
-DRIFT_CHECK_DEPLOYMENT = "drift-check/drift-check"
 TAGS = ["retune"]
 
 

@@ -9,7 +9,7 @@ import yaml
 from click.testing import Result
 from typer.testing import CliRunner
 
-from retune.cli import app
+from flows.cli import app
 from retune.config import Params, to_plain
 
 runner = CliRunner()

@@ -67,14 +67,88 @@ def _imports(path: Path) -> set[str]:
 
 def test_imports_go_one_way() -> None:
     for path in (ROOT / "retune").rglob("*.py"):
-        if path.name == "cli.py":  # the outer edge, imports lazily by design
-            continue
         assert not _imports(path) & {"tasks", "flows"}, f"{path} imports a higher layer"
     for path in (ROOT / "tasks").glob("*.py"):
         imported = _imports(path)
         assert "flows" not in imported, f"{path} imports flows"
         others = {i for i in imported if i.startswith("tasks.")}
         assert not others, f"{path} imports another stage: {others}"
+
+
+LAYERS = ("retune", "tasks", "flows")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Every dotted name a file can import when it runs, lazy imports inside functions
+    included; `from a import b` names both `a` and `a.b`. Imports under `if TYPE_CHECKING:`
+    never run, so they cannot take part in an import cycle, and are left out."""
+    tree = ast.parse(path.read_text())
+    type_only = {
+        id(child)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for stmt in node.body
+        for child in ast.walk(stmt)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of retune/, tasks/ and flows/ it imports."""
+    files = {_module_name(p): p for layer in LAYERS for p in (ROOT / layer).rglob("*.py")}
+    return {
+        name: {m for m in _runtime_imports(path) if m in files and m != name}
+        for name, path in files.items()
+    }
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """At least one cycle through every group of mutually importing modules, each as the
+    path `a -> b -> ... -> a` (depth-first search: an edge back into the current path)."""
+    done: set[str] = set()
+    path: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in path:
+                cycles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in done:
+                visit(nxt)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        if node not in done:
+            visit(node)
+    return cycles
+
+
+def test_find_cycles_names_each_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": set()}
+    assert find_cycles(graph) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles() -> None:
+    graph = import_graph()
+    assert "flows.cli" in graph and "flows.deploy" in graph["flows.cli"]  # lazy imports count
+    cycles = [" -> ".join(c) for c in find_cycles(graph)]
+    assert not cycles, f"import cycles: {cycles}"
 
 
 def _retune_modules(path: Path) -> set[str]:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from retune.cli import app
+from flows.cli import app
 from retune.config import HygieneParams, Params, SampleParams, to_plain
 from retune.lineage import data_version, trace
 from retune.records import Record, write_records

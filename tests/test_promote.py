@@ -384,7 +384,7 @@ def test_a_diverged_retrain_is_rejected_with_the_reason_and_the_gate_reruns(
     from mlflow import MlflowClient
     from typer.testing import CliRunner
 
-    from retune.cli import app
+    from flows.cli import app
     from retune.config import to_plain
     from tasks.promote import promote_version
     from tasks.promote import run as promote

@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from benchmarks.common import session_processes
-from retune.cli import app
+from flows.cli import app
 from retune.config import ConfigError, load_params, to_plain
 from retune.errors import MissingInputError
 from retune.runlock import LOCK_FILE, RunLockedError, run_lock

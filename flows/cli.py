@@ -1,7 +1,8 @@
 """The `retune` command: the flow, each stage on its own, and the resolved params.
 
-The outermost edge: it imports `flows` and `tasks` lazily inside commands (the one place
-that looks "up" the layers), so `retune --help` stays fast and nothing heavy loads early.
+The outermost edge, entered as the `retune` console script (`flows.cli:main`). It imports the
+other flows and the stages inside the commands, so `retune --help` stays fast and nothing
+heavy loads early.
 """
 
 from __future__ import annotations

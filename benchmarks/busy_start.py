@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     walls = [r["wall_s"] for r in runs]
     setting = "default params.yaml" if not overrides else f"overrides {sorted(overrides)}"
     rows = [
-        row("runs_passed", passed, f"of {len(runs)}", target=f"{len(runs)} of {len(runs)}"),
-        row("processes_left_behind", sum(r["left_behind"] for r in runs), "processes", "0"),
-        row("tracebacks", sum(r["tracebacks"] for r in runs), "lines", target="0"),
+        row("runs_passed", passed, f"of {len(runs)}", target=f"== {len(runs)}"),
+        row("processes_left_behind", sum(r["left_behind"] for r in runs), "processes", "== 0"),
+        row("tracebacks", sum(r["tracebacks"] for r in runs), "lines", target="== 0"),
         row("prefect_wait_max", max(waits, default=0.0), "s", note="server start to answer"),
         row("prefect_wait_mean", sum(waits) / max(len(waits), 1), "s"),
         row("run_wall_mean", sum(walls) / max(len(walls), 1), "s", note=setting),

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             f"run's session while training; traceback printed: {result['traceback']}; "
             f"last line: {result['last_line'][:120]}"
         )
-        rows.append(row(f"left_behind_{ending}", result["left_behind"], "processes", "0", note))
+        rows.append(row(f"left_behind_{ending}", result["left_behind"], "processes", "== 0", note))
     write_result(NAME, command_line(NAME, argv), rows, args.out)
     return 1 if failed else 0
 

@@ -38,8 +38,11 @@ run: data ## set up, then run the retraining flow end to end on data/incoming
 repro: data ## reproduce the pipeline with DVC (skips stages whose inputs did not change)
 	$(BIN)/dvc repro
 
-test: setup ## set up, then run the test suite
+test: setup ## set up, then run the test suite (all of it, as CI does)
 	$(BIN)/python -m pytest
+
+test-fast: setup ## the unit and contract tiers only (no flows, servers or trainings)
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .
@@ -70,4 +73,4 @@ bench: setup ## run the benchmarks and write BENCHMARKS.md (tens of minutes)
 clean: ## remove generated outputs (keeps data/incoming, mlruns and .venv)
 	rm -rf data/prepared data/quarantine data/split models reports
 
-.PHONY: help setup data run repro test lint ui clean
+.PHONY: help setup data run repro test test-fast lint ui clean

@@ -227,7 +227,7 @@ def write_params(path: Path, overrides: dict[str, Any], base: Path = ROOT / "par
     return path
 
 
-# A model and corpus small enough that a whole pipeline run is a smoke test (as in tests/conftest).
+# A model and corpus small enough that a whole pipeline run is a smoke test (as in tests/helpers).
 TINY: dict[str, Any] = {
     "sample.conversations": 400,
     "validate.min_examples": 1,

@@ -12,7 +12,7 @@ from retune.config import Params
 from retune.feedback import FeedbackStore
 from retune.registry import Registry
 from retune.serving import create_app, serve_in_thread
-from tests.conftest import tiny_params_for
+from tests.helpers import tiny_params_for
 
 TOKEN = "test-token-" + "x" * 20
 

@@ -27,7 +27,7 @@ from flows.deploy import (
     model_resource_id,
 )
 from retune.config import ConfigError, Params, to_plain
-from tests.conftest import make_conversations, tiny_params_for
+from tests.helpers import make_conversations, tiny_params_for
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from retune.config import Params
-from tests.conftest import ISSUES, PRODUCTS, tiny_params_for
+from tests.helpers import ISSUES, PRODUCTS, tiny_params_for
 
 
 def write_documents(incoming: Path, n: int, seed: int = 0) -> Path:
@@ -46,7 +46,7 @@ def test_the_first_model_of_a_documents_only_corpus_is_promoted_by_the_default_g
     from tasks import evaluate, hygiene, ingest, promote, register, split, train, validate
 
     params = documents
-    # What a user gets by default, but for max_perplexity, which the conftest relaxes for a
+    # What a user gets by default, but for max_perplexity, which tiny_params_for relaxes for a
     # model trained a few steps.
     assert params.promote.max_unsafe_share == PromoteParams().max_unsafe_share == 0.05
     for stage in (ingest, hygiene, validate, split, train):

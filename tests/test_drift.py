@@ -29,7 +29,7 @@ from retune.drift import (
     waiting_for,
 )
 from retune.records import Record, write_records
-from tests.conftest import make_conversations, tiny_params_for
+from tests.helpers import make_conversations, tiny_params_for
 
 CFG = DriftParams(
     window=60, reference_ratings=60, reference_prompts=200, min_ratings=30, min_prompts=30

@@ -14,7 +14,7 @@ import yaml
 
 from retune.config import Params
 from retune.records import Record, write_records
-from tests.conftest import tiny_params_for
+from tests.helpers import tiny_params_for
 
 DVC = str(Path(sys.executable).parent / "dvc")
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from retune.config import Params, load_params, to_plain
-from tests.conftest import make_conversations, tiny_params_for
+from tests.helpers import make_conversations, tiny_params_for
 
 pytestmark = pytest.mark.slow
 

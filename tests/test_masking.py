@@ -10,7 +10,7 @@ import pytest
 
 from retune.config import Params
 from retune.masking import MASK, is_secret_key, mask_secrets, mask_value, safe_params
-from tests.conftest import tiny_params_for
+from tests.helpers import tiny_params_for
 
 HF_TOKEN = "hf_" + "FakeTokenForTests" * 2
 OPENAI_KEY = "sk-" + "proj" + "Q7wX2kLm9PzR4tYv8NbC3dFg"

@@ -16,7 +16,7 @@ import pytest
 from retune.config import IngestParams, Params, ValidateParams, load_params
 from retune.errors import DataValidationError
 from retune.pii import KINDS, PLACEHOLDERS, Redactor, find, iban_ok, looks_random, luhn_ok, redact
-from tests.conftest import ROOT, make_conversations
+from tests.helpers import ROOT, make_conversations
 
 OPENAI_KEY = "sk-proj-Zr8TqX2mVb7LpK4nWc9YhD3sFg6JuA1e"
 PEM = (

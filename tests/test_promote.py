@@ -14,7 +14,7 @@ from retune.records import Record, write_records
 from retune.registry import Registry, RegistryError
 from retune.reports import read_json, write_json
 from retune.tracking import setup_tracking
-from tests.conftest import make_conversations, tiny_params_for
+from tests.helpers import make_conversations, tiny_params_for
 
 ACTOR = "cli:tester"
 

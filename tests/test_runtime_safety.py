@@ -21,7 +21,7 @@ from flows.cli import app
 from retune.config import ConfigError, load_params, to_plain
 from retune.errors import MissingInputError
 from retune.runlock import LOCK_FILE, RunLockedError, run_lock
-from tests.conftest import tiny_params_for
+from tests.helpers import tiny_params_for
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

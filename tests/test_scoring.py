@@ -25,7 +25,7 @@ from retune.scoring import (
     score_replies,
     select_holdout,
 )
-from tests.conftest import make_conversations
+from tests.helpers import make_conversations
 
 REPLIES = [
     "Thanks for reaching out about your router.",

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from retune.config import HygieneParams, Params
 from retune.records import SCHEMA, Record, write_records
 from tasks.split import is_holdout, run, split, split_without_leaks
-from tests.conftest import make_conversations
+from tests.helpers import make_conversations
 
 
 def _table(n: int, start: int = 0) -> pa.Table:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from retune.config import to_plain
-from tests.conftest import tiny_params_for
+from tests.helpers import tiny_params_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

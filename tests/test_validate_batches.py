@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from retune.config import ValidateParams
 from retune.records import Record, write_records
 from tasks.validate import check
-from tests.conftest import make_conversations
+from tests.helpers import make_conversations
 
 CFG = ValidateParams(min_examples=5, failed_rows_shown=3)
 REDACT = ("email",)

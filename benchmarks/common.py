@@ -20,6 +20,20 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every benchmark, in the order `make bench` runs them and BENCHMARKS.md shows them: the
+# training comparison first, while the machine is freshest.
+BENCHMARKS = (
+    "train",
+    "overhead",
+    "busy_start",
+    "interrupt",
+    "reruns",
+    "data_prep",
+    "pii",
+    "hygiene",
+    "serve",
+    "malformed",
+)
 RESULTS = ROOT / "benchmarks" / "results"
 PYTHON = sys.executable
 # `retune`, `dvc` and `python -m tasks.<stage>` resolve to the interpreter's own environment.

@@ -13,22 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, git_commit, machine
+from benchmarks.common import BENCHMARKS, RESULTS, ROOT, git_commit, machine
 
 OUTPUT = ROOT / "BENCHMARKS.md"
 # The order the tables appear in; others follow alphabetically.
-ORDER = (
-    "train",
-    "overhead",
-    "busy_start",
-    "interrupt",
-    "reruns",
-    "data_prep",
-    "pii",
-    "hygiene",
-    "serve",
-    "malformed",
-)
+ORDER = BENCHMARKS
 
 INTRO = """\
 # Benchmarks

@@ -15,22 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PYTHON, RESULTS, ROOT, bench_env
+from benchmarks.common import BENCHMARKS, PYTHON, RESULTS, ROOT, bench_env
 from benchmarks.report import OUTPUT, write_report
 
-# In the order they run: the training comparison first, while the machine is freshest.
-BENCHMARKS = (
-    "train",
-    "overhead",
-    "busy_start",
-    "interrupt",
-    "reruns",
-    "data_prep",
-    "pii",
-    "hygiene",
-    "serve",
-    "malformed",
-)
 # The smallest-size flag of each; the others take --smoke.
 SMOKE_ARGS = {"pii": ["--n", "20"], "busy_start": ["--smoke", "--runs", "1"]}
 

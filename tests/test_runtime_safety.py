@@ -27,6 +27,36 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
+def hold_lock(folder: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding `folder`'s run lock for `seconds`; returns once it holds it."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pathlib import Path; from retune.runlock import run_lock\n"
+            f"with run_lock(Path({str(folder)!r})):\n"
+            f"    print('held', flush=True); time.sleep({seconds})",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def run_stage_as_dvc(stage: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m tasks.<stage>` in `folder`, as dvc.yaml's cmd runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", f"tasks.{stage}"],
+        cwd=folder,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def wait_until_gone(sid: int, timeout_s: float = 60.0) -> list[str]:
     deadline = time.monotonic() + timeout_s
     while (left := session_processes(sid)) and time.monotonic() < deadline:
@@ -162,33 +192,14 @@ def test_a_second_command_in_the_folder_is_refused_naming_the_first(tmp_path: Pa
     params = tiny_params_for(tmp_path)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(to_plain(params)))
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from retune.runlock import run_lock\n"
-            f"with run_lock(Path({str(tmp_path)!r})):\n"
-            "    print('held', flush=True); time.sleep(600)",
-        ],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_lock(tmp_path, seconds=600)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         result = runner.invoke(app, ["ingest", "--params", str(params_file)])
         assert result.exit_code == 1
         assert f"pid {holder.pid}" in result.output and "already running" in result.output
         assert not (params.paths.prepared / "records.parquet").exists()  # nothing was written
         # DVC's way in: the stage's own entry point refuses the same way.
-        dvc_stage = subprocess.run(
-            [sys.executable, "-m", "tasks.split"],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        dvc_stage = run_stage_as_dvc("split", tmp_path)
         assert dvc_stage.returncode == 1
         assert f"pid {holder.pid}" in dvc_stage.stderr and "Traceback" not in dvc_stage.stderr
     finally:
@@ -204,19 +215,7 @@ def test_a_second_command_in_the_folder_is_refused_naming_the_first(tmp_path: Pa
 def test_a_run_waits_for_the_holder_when_asked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time; from pathlib import Path; from retune.runlock import run_lock\n"
-            f"with run_lock(Path({str(tmp_path)!r})):\n"
-            "    print('held', flush=True); time.sleep(3)",
-        ],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder = hold_lock(tmp_path, seconds=3)
     with pytest.raises(RunLockedError), run_lock(tmp_path):
         pass
     with run_lock(tmp_path, wait=True):
@@ -260,14 +259,7 @@ def test_a_stage_run_too_early_names_the_stage_to_run_first(tmp_path: Path) -> N
     assert "records.parquet is missing: run the `hygiene` stage (`retune hygiene`)" in (
         result.output
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "tasks.hygiene"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_stage_as_dvc("hygiene", tmp_path)
     assert done.returncode == 1
     assert "run the `ingest` stage" in done.stderr and "Traceback" not in done.stderr
     assert issubclass(MissingInputError, FileNotFoundError)

@@ -311,7 +311,7 @@ def prefect_api(params: Params | None = None) -> Iterator[str]:
         server.stop()
 
 
-def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
+def _drain_prefect_workers(timeout_s: float = 30.0) -> None:
     """Send the logs and events still queued to the server before it stops (else they fail
     at exit with "Error logging to API")."""
     workers = (

@@ -280,8 +280,9 @@ def test_stop_strings_are_bounded_and_cut_the_reply_where_one_appears(
     sampled = {"max_tokens": 24, "temperature": 1.0, "seed": 3}
     full = _chat(url, **sampled).json()
     text = full["choices"][0]["message"]["content"]
-    pairs = (text[i : i + 2] for i in range(3, len(text) - 1))
-    stop = next(pair for pair in pairs if pair.isascii() and pair.isalpha())
+    # A character that first appears after the reply's start (which a tiny model's reply is
+    # made of varies with the model the fixture trained: letters, digits, punctuation).
+    stop = next(c for i, c in enumerate(text) if i >= 1 and not c.isspace() and text.index(c) == i)
     cut = _chat(url, **sampled, stop=["never-in-it", stop]).json()
     assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)].strip()
     assert cut["choices"][0]["finish_reason"] == "stop"

@@ -38,6 +38,12 @@ ENDINGS = ("exception", "SIGINT", "SIGTERM", "SIGKILL")
 TRAINING = "stage split done"
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A benchmark started in the background of a shell inherits SIGINT ignored, and so would
+    # the run: then Ctrl-C (SIGINT) would not stop it, as it does in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def end_run(folder: Path, ending: str) -> dict[str, Any]:
     """One `retune run` in `folder`, ended by `ending`; what was alive before and after."""
     env = bench_env({"PREFECT_HOME": str(folder / ".prefect")})
@@ -55,6 +61,7 @@ def end_run(folder: Path, ending: str) -> dict[str, Any]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     assert proc.stdout is not None
     alive_during = 0

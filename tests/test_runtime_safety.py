@@ -78,7 +78,11 @@ def slow_server_site(tmp_path: Path, delay_s: float) -> Path:
 
 
 PROBE = """
-    import os, sys, time
+    import os, signal, sys, time
+    # Ctrl-C as in a terminal, even when the tests run in the background of a shell, which
+    # starts them with SIGINT ignored (and a Python with SIGINT ignored never raises
+    # KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from prefect import flow, task
     from flows.startup import prefect_api
     from retune.errors import RetuneError

@@ -84,11 +84,6 @@ def _guarded(fn: Any, *args: Any) -> Any:
         raise _fail(str(exc)) from None
 
 
-def _project(params_file: Path) -> Path:
-    """The project folder whose lock a command holds: the one its params file is in."""
-    return params_file.resolve().parent
-
-
 @app.callback()
 def _root(
     debug: Annotated[
@@ -119,22 +114,22 @@ def run(
     resolved = _guarded(_params, params, overrides)  # a bad key fails before Prefect starts
     from flows.retrain import retrain
     from flows.startup import prefect_api
-    from retune.runlock import run_lock
+    from retune.runlock import project_folder, run_lock
 
     with contextlib.ExitStack() as stack:
-        _guarded(stack.enter_context, run_lock(_project(params), wait, True))
+        _guarded(stack.enter_context, run_lock(project_folder(params), wait, True))
         _guarded(stack.enter_context, prefect_api(resolved))
         _guarded(retrain, str(params), list(overrides or []), force)
 
 
 def _stage_command(name: str) -> None:
     def command(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
-        from retune.runlock import run_lock
+        from retune.runlock import project_folder, run_lock
 
         resolved = _guarded(_params, params, overrides)
         module = importlib.import_module(f"tasks.{name}")
         with contextlib.ExitStack() as stack:
-            _guarded(stack.enter_context, run_lock(_project(params)))
+            _guarded(stack.enter_context, run_lock(project_folder(params)))
             _guarded(module.run, resolved)
 
     command.__doc__ = STAGE_HELP[name]

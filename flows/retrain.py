@@ -25,7 +25,7 @@ from retune.datastate import (
 )
 from retune.env import configure_environment
 from retune.reports import read_json, write_json
-from retune.runlock import run_lock
+from retune.runlock import project_folder, run_lock
 from tasks.cv import CvResult, cv_task, fold_task, summarize_task
 from tasks.evaluate import evaluate_task
 from tasks.export_feedback import export_feedback_task
@@ -124,7 +124,7 @@ def retrain(
     first exported into `paths.incoming`, so the retrain learns from them."""
     configure_environment()
     params = load_params(Path(params_file), overrides or [])
-    with run_lock(Path(params_file).resolve().parent, check_dvc=True):
+    with run_lock(project_folder(params_file), check_dvc=True):
         return _retrain(params, force, export_feedback)
 
 

@@ -24,12 +24,12 @@ def stage_main(run: Callable[[Params], object], params_path: Path = DEFAULT_PARA
     """Run one stage as DVC does: read params.yaml, call `run` holding the project's run lock,
     exit 1 with the message on an error (no traceback unless RETUNE_DEBUG=1: the message says
     what to fix)."""
-    from retune.runlock import run_lock
+    from retune.runlock import project_folder, run_lock
 
     configure_environment()
     try:
         params = load_params(params_path, sys.argv[1:])
-        with run_lock(params_path.resolve().parent):
+        with run_lock(project_folder(params_path)):
             run(params)
     except Exception as exc:
         if debug_requested():

@@ -36,6 +36,11 @@ class RunLockedError(RetuneError):
 _held: dict[Path, tuple[IO[str], int]] = {}
 
 
+def project_folder(params_file: Path | str) -> Path:
+    """The project folder a command works in, whose lock it holds: its params file's folder."""
+    return Path(params_file).resolve().parent
+
+
 def command_line() -> str:
     """How this process was started, as a user would type it (`retune run`,
     `python -m tasks.train`)."""

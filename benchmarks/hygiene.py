@@ -97,8 +97,8 @@ def near_duplicate_rows(n_originals: int, n_paraphrases: int, seed: int = 7) -> 
     import numpy as np
     import pyarrow as pa
 
-    from retune import dedup
     from retune.config import HygieneParams
+    from retune.data import dedup
     from tasks.sample import _CATEGORY_KEYS, _conversation, _slots, paraphrase
 
     cfg = HygieneParams()
@@ -197,8 +197,8 @@ def safety_rows(n_clean: int, seed: int = 11) -> list[dict]:
     import pyarrow as pa
 
     from retune.config import HygieneParams
-    from retune.records import MESSAGE_TYPE
-    from retune.safety import Screen
+    from retune.data.records import MESSAGE_TYPE
+    from retune.data.safety import Screen
     from tasks.sample import (
         _ABUSE_AGENT,
         _ABUSE_USER,

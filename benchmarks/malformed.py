@@ -474,8 +474,8 @@ def write_corpus(root: Path, outside: Path) -> list[Kind]:
 
 
 def _stored(kind: Kind) -> str:
-    from retune.lineage import stored_name
-    from retune.pii import KINDS, Redactor
+    from retune.data.lineage import stored_name
+    from retune.data.pii import KINDS, Redactor
 
     return stored_name(kind.file, Redactor(KINDS))
 

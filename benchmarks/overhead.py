@@ -5,7 +5,7 @@ Run: `python -m benchmarks.overhead` (default params.yaml, ~4-5 min on 2 cores) 
 (a tiny model and corpus). Works in a scratch folder (own data, MLflow store, Prefect home),
 so the repository's data and runs are untouched. Writes benchmarks/results/overhead.json.
 
-Compute is `train`'s `runtime_s` (reports/train.json: the whole `retune.training.train` call)
+Compute is `train`'s `runtime_s` (reports/train.json: the whole `retune.model.training.train` call)
 plus `evaluate`'s scoring time (reports/evaluate.json `score_s` when the stage reports it,
 else the whole evaluate stage) plus CV folds when `evaluate.folds` >= 2. Everything else is
 overhead: interpreter start and imports, the Prefect temporary server, MLflow, ingest,

@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, row, write_result
 from benchmarks.pii_corpus import KINDS, Example, generate
-from retune.pii import Match, Redactor
+from retune.data.pii import Match, Redactor
 
 RECALL_TARGETS = {"email": 0.99, "card": 0.99, "iban": 0.99, "ip": 0.99, "ssn": 0.99,
                   "phone": 0.95, "secret": 0.95}  # fmt: skip
@@ -98,7 +98,7 @@ def rows(scores: dict[str, Any], n_texts: int, seconds: float) -> list[dict[str,
             round(n_texts / seconds, 1),
             "texts/s",
             None,
-            f"retune.pii find over {n_texts} texts, every one holding a candidate "
+            f"retune.data.pii find over {n_texts} texts, every one holding a candidate "
             "(ingest's prefilters skip most real text); 1 CPU core",
         )
     )

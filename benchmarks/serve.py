@@ -45,10 +45,10 @@ def smoke_params(tmp: Path) -> Params:
     import mlflow
 
     from retune.config import ScratchModelParams, parse_params
-    from retune.gitinfo import GitState
-    from retune.modeling import scratch_model, train_tokenizer
-    from retune.registry import Registry
-    from retune.tracking import setup_tracking
+    from retune.model.modeling import scratch_model, train_tokenizer
+    from retune.release.gitinfo import GitState
+    from retune.release.registry import Registry
+    from retune.release.tracking import setup_tracking
     from tasks.register import ModelFacts, register
 
     params = parse_params(
@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     per_client = args.per_client or (10 if args.smoke else 100)
     configure_environment()
 
-    from retune.feedback import FeedbackStore
-    from retune.registry import Registry
-    from retune.serving import create_app, serve_in_thread
+    from retune.online.feedback import FeedbackStore
+    from retune.online.serving import create_app, serve_in_thread
+    from retune.release.registry import Registry
 
     with tempfile.TemporaryDirectory(prefix="retune-bench-serve-") as tmp_dir:
         tmp = Path(tmp_dir)

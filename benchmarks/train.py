@@ -220,7 +220,7 @@ def _worker(role: str, spec: dict[str, Any], conn: Connection) -> None:
 def _train_retune(spec: dict[str, Any], baton: Any) -> dict[str, Any]:
     from retune.config import load_params
     from retune.env import configure_environment
-    from retune.training import train
+    from retune.model.training import train
 
     configure_environment()
     params = load_params(ROOT / "params.yaml", spec["overrides"])
@@ -333,7 +333,7 @@ def holdout_perplexity(
     """Perplexity on the evaluate stage's holdout examples, scored as `evaluate` scores."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from retune.scoring import aggregate, score_examples
+    from retune.model.scoring import aggregate, score_examples
 
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir)
     model.to(device)
@@ -390,7 +390,7 @@ def run_benchmark(
 
     import torch
 
-    from retune.training import available_cores, resolve_precision
+    from retune.model.training import available_cores, resolve_precision
 
     torch.set_num_threads(available_cores())
     dtype = setup.dtype

@@ -62,7 +62,7 @@ def _params(path: Path, overrides: list[str] | None) -> Params:
 
 def _registry(path: Path, overrides: list[str] | None) -> Any:
     """The model registry named by the resolved params (`register.model_name`)."""
-    from retune.registry import Registry
+    from retune.release.registry import Registry
 
     resolved = _guarded(_params, path, overrides)
     return Registry.open(resolved.tracking, resolved.register.model_name)
@@ -230,7 +230,7 @@ def promote(
     Both are scored on today's holdout; a worse or not-better-beyond-the-noise VERSION is
     refused with the reason (exit 1). --force --reason "..." overrides, recorded as forced.
     """
-    from retune.registry import cli_actor
+    from retune.release.registry import cli_actor
 
     resolved = _guarded(_params, params, overrides)
     if force and not (reason and reason.strip()):
@@ -255,7 +255,7 @@ def rollback(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Move production back to the version that was production before the current one."""
-    from retune.registry import cli_actor
+    from retune.release.registry import cli_actor
 
     registry = _registry(params, overrides)
     event = _guarded(registry.rollback, cli_actor(), reason)
@@ -282,7 +282,7 @@ def serve(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> No
     completion and feedback to feedback.store_url.
     """
     resolved = _guarded(_params, params, overrides)
-    from retune.serving import serve as serve_api
+    from retune.online.serving import serve as serve_api
 
     _guarded(serve_api, resolved)
 
@@ -337,8 +337,8 @@ def trace(
     Each line (or table conversation): kept as a record in train/holdout, quarantined by
     ingest, removed by hygiene, moved by split.
     """
-    from retune.lineage import summary
-    from retune.lineage import trace as trace_file
+    from retune.data.lineage import summary
+    from retune.data.lineage import trace as trace_file
 
     resolved = _guarded(_params, params, overrides)
     incoming = resolved.paths.incoming

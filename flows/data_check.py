@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from prefect import flow
 
 from retune.config import DEFAULT_PARAMS, load_params
-from retune.datastate import incoming_files, incoming_fingerprint, last_fingerprint
+from retune.data.datastate import incoming_files, incoming_fingerprint, last_fingerprint
 from retune.env import configure_environment
 from retune.errors import RetuneError
-from retune.events import RETRAIN_DEPLOYMENT
+from retune.online.events import RETRAIN_DEPLOYMENT
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun

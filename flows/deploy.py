@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from retune.config import ConfigError, Params
 from retune.errors import RetuneError
-from retune.events import (
+from retune.online.events import (
     DATA_CHECK_DEPLOYMENT,
     DRIFT_CHECK_DEPLOYMENT,
     DRIFT_EVENT,

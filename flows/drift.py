@@ -2,7 +2,7 @@
 that starts retraining.
 
 Entered by `retune drift` and by its deployment (on a schedule). The event is
-`retune.drift.detected` on the resource `retune.model.<register.model_name>`: the retraining
+`retune.online.drift.detected` on the resource `retune.model.<register.model_name>`: the retraining
 deployment's trigger matches exactly these. "not enough data" never emits it, and neither does
 a drift already acted on, until new ratings or prompts (or another production) arrive.
 """
@@ -17,7 +17,7 @@ from prefect import flow
 
 from retune.config import DEFAULT_PARAMS, Params, load_params
 from retune.env import configure_environment
-from retune.events import DRIFT_EVENT, model_resource_id
+from retune.online.events import DRIFT_EVENT, model_resource_id
 from tasks.drift import DriftResult, drift_task, record_action
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow
 
 from retune.config import DEFAULT_PARAMS, Params, load_params
-from retune.datastate import (
+from retune.data.datastate import (
     RUN_FINGERPRINT_TAG,
     incoming_fingerprint,
     last_fingerprint,
@@ -86,7 +86,7 @@ def finish_interrupted(params: Params) -> str | None:
     report = params.paths.reports / "register.json"
     if not report.exists():
         return None
-    from retune.registry import Registry
+    from retune.release.registry import Registry
 
     registered = read_json(report)
     registry = Registry.open(params.tracking, str(registered.get("model_name")))

@@ -31,7 +31,7 @@ from typing import IO
 from retune.config import Params
 from retune.entry import debug_requested
 from retune.errors import RetuneError
-from retune.tracking import setup_tracking
+from retune.release.tracking import setup_tracking
 
 # Prefect's own name for the limit, and retune's default for it: Prefect's 20 s is too short
 # for a first start on a loaded laptop or CI runner.

@@ -82,8 +82,8 @@ class IngestParams:
         }
     )
     max_message_chars: Annotated[int, Field(ge=1)] = 4_000
-    # Kinds of personal data and secrets replaced by placeholders (retune.pii.KINDS). Leaving out
-    # `secret` stores keys and passwords for training: ingest warns loudly when it is missing.
+    # Kinds of personal data and secrets replaced by placeholders (retune.data.pii.KINDS).
+    # Leaving out `secret` stores keys and passwords for training: ingest warns loudly then.
     redact: tuple[Literal["email", "phone", "card", "iban", "ip", "ssn", "secret"], ...] = (
         "email",
         "phone",

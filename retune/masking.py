@@ -57,9 +57,9 @@ def is_secret_key(key: str) -> bool:
 
 def mask_value(value: str) -> str:
     """Mask what looks like a secret inside `value`, whatever its key: passwords in URLs,
-    secret query parameters, and every secret `retune.pii` finds (known key formats such as
+    secret query parameters, and every secret `retune.data.pii` finds (known key formats such as
     `hf_...` and `sk-...`, bearer tokens, `password=...` assignments, long random tokens)."""
-    from retune import pii
+    from retune.data import pii
 
     value = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, value)
     value = _QUERY_SECRET.sub(lambda m: m.group("head") + MASK, value)

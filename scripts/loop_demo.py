@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     from prefect import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from retune.registry import Registry
     from retune.serving import create_app, serve_in_thread
+
     from tasks.drift import holdout_user_turns
 
     work = Path(tempfile.mkdtemp(prefix="retune-loop-"))

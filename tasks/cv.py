@@ -23,12 +23,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retune.config import EvaluateParams, Params, TrainParams
+from retune.data.records import read_records
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
-from retune.records import read_records
+from retune.model.training import available_cores, train
 from retune.reports import read_json, write_json
-from retune.training import available_cores, train
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -147,8 +147,8 @@ def _train_fold(
     work_dir: Path,
     num_threads: int | None,
 ) -> FoldResult:
-    from retune.modeling import load_pretrained
-    from retune.scoring import aggregate, score_examples
+    from retune.model.modeling import load_pretrained
+    from retune.model.scoring import aggregate, score_examples
 
     started_at, t0 = time.time(), time.perf_counter()
     name = f"cv fold {index + 1}/{k}"
@@ -217,7 +217,7 @@ def _mlflow_client(params: Params) -> MlflowClient:
     run, so folds running side by side (threads or processes) never share state."""
     from mlflow import MlflowClient
 
-    from retune.tracking import setup_tracking
+    from retune.release.tracking import setup_tracking
 
     setup_tracking(params.tracking)
     return MlflowClient()

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retune.config import DriftParams, Params, TrackingParams
-from retune.drift import (
+from retune.entry import stage_main, stage_task
+from retune.online.drift import (
     DRIFT,
     NOT_ENOUGH_DATA,
     Action,
@@ -36,7 +37,6 @@ from retune.drift import (
     split_window,
     waiting_for,
 )
-from retune.entry import stage_main, stage_task
 from retune.reports import write_json
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ def record_action(cfg: TrackingParams, result: DriftResult, event_id: str | None
     that sees the same evidence reports it instead of acting again."""
     from mlflow import MlflowClient
 
-    from retune.tracking import resolved_uri
+    from retune.release.tracking import resolved_uri
 
     if result.run_id is None:
         raise ValueError("the drift check has no MLflow run to record the action on")
@@ -208,7 +208,7 @@ def record_action(cfg: TrackingParams, result: DriftResult, event_id: str | None
 def holdout_user_turns(holdout_file: Path, n: int) -> list[str]:
     """Up to `n` user turns of the holdout (its first conversations by id): what users asked
     in the data production was trained and judged on."""
-    from retune.scoring import select_holdout
+    from retune.model.scoring import select_holdout
 
     turns: list[str] = []
     for messages in select_holdout(holdout_file, n).column("messages").to_pylist():
@@ -225,9 +225,9 @@ def prompt_figures(
     *,
     log_prefix: str = "drift",
 ) -> PromptFigures:
-    """Perplexity of each prompt as a lone user turn under `model` (scored by retune.scoring,
+    """Perplexity of each prompt as a lone user turn under `model` (scored by retune.model.scoring,
     as evaluation scores the holdout), and its length in the model's tokens."""
-    from retune.scoring import encode, max_positions, score_sequences
+    from retune.model.scoring import encode, max_positions, score_sequences
 
     if not prompts:
         return PromptFigures.empty()
@@ -373,9 +373,9 @@ def run(params: Params) -> DriftResult:
     metrics, to a run of the MLflow experiment `<tracking.experiment>-drift`."""
     import mlflow
 
-    from retune.feedback import FeedbackStore
-    from retune.registry import Registry, load_version
-    from retune.tracking import side_experiment
+    from retune.online.feedback import FeedbackStore
+    from retune.release.registry import Registry, load_version
+    from retune.release.tracking import side_experiment
 
     cfg = params.drift
     name = params.register.model_name

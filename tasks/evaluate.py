@@ -19,8 +19,7 @@ import pyarrow.parquet as pq
 from retune.config import EvaluateParams, Params, TrackingParams
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
-from retune.reports import read_json, write_json
-from retune.scoring import (
+from retune.model.scoring import (
     aggregate,
     encode,
     max_positions,
@@ -28,6 +27,7 @@ from retune.scoring import (
     score_replies,
     select_holdout,
 )
+from retune.reports import read_json, write_json
 
 _TRAIN_CHUNK = 512  # train conversations tokenised at once when counting the baseline
 
@@ -118,13 +118,13 @@ def score(
     """Score the model in `model_dir` on up to `cfg.max_examples` holdout records.
 
     Reads the model, the holdout and (for the unigram baseline) the train split; writes
-    per-example scores to `scores_file` (Parquet, `retune.scoring.SCORES_SCHEMA`) and greedy
+    per-example scores to `scores_file` (Parquet, `retune.model.scoring.SCORES_SCHEMA`) and greedy
     replies to `cfg.generation_examples` holdout prompts, scored against the references, to
-    `generations_file` (CSV, `retune.scoring.GENERATION_COLUMNS`).
+    `generations_file` (CSV, `retune.model.scoring.GENERATION_COLUMNS`).
     """
     import torch
 
-    from retune.modeling import load_pretrained
+    from retune.model.modeling import load_pretrained
 
     if not model_dir.is_dir():
         raise RetuneError(f"{model_dir}: no model here (paths.model); run the train stage first")
@@ -209,7 +209,7 @@ def log_to_mlflow(
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from retune.tracking import resume_run, setup_tracking
+    from retune.release.tracking import resume_run, setup_tracking
 
     if run_id is None:
         setup_tracking(cfg)

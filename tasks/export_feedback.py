@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retune.config import Params
+from retune.data.pii import redact
+from retune.data.records import ROLE_ORDER_REGEX, record_id
+from retune.data.text import normalize_text
 from retune.entry import stage_main, stage_task
-from retune.pii import redact
-from retune.records import ROLE_ORDER_REGEX, record_id
 from retune.reports import write_json
-from retune.text import normalize_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -243,7 +243,7 @@ def run(params: Params) -> ExportResult:
     `register.model_name` into `paths.incoming` (redacted with `ingest.redact`, deduplicated
     against the prepared records and earlier exports), `dvc add` it; write
     reports/export_feedback.json."""
-    from retune.feedback import FeedbackStore
+    from retune.online.feedback import FeedbackStore
 
     store = FeedbackStore.open(params.feedback.store_url)
     try:

@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retune import dedup, representation
 from retune.config import HygieneParams, Params
+from retune.data import dedup, representation
+from retune.data.lineage import CHANGES_FILE, change, data_version, write_changes
+from retune.data.records import SCHEMA
+from retune.data.safety import Flag, Screen
 from retune.entry import stage_main, stage_task
 from retune.errors import MissingInputError
-from retune.lineage import CHANGES_FILE, change, data_version, write_changes
-from retune.records import SCHEMA
 from retune.reports import write_json
-from retune.safety import Flag, Screen
 
 # Why a record left the data here: a fixed vocabulary (reports, tests and `retune trace`).
 REASONS: dict[str, str] = {

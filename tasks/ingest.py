@@ -3,7 +3,8 @@
 Runs as `python -m tasks.ingest` (the dvc.yaml stage) and as `ingest_task` in Prefect flows.
 Every input row ends up in a record or in quarantine.jsonl (with file, line and reason); bad
 input never stops the stage (too little left is for `validate` to say). The format readers are
-in retune.readers, retune.tables and retune.long_tables; what they send goes to retune.sink.
+in retune.data.readers, retune.data.tables and retune.data.long_tables; what they send goes
+to retune.data.sink.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from retune.config import ColumnsParams, IngestParams, Params
-from retune.entry import stage_main, stage_task
-from retune.errors import IngestError
-from retune.lineage import data_version, stored_name, text_name
-from retune.long_tables import read_long
-from retune.pii import Redactor
-from retune.readers import (
+from retune.data.lineage import data_version, stored_name, text_name
+from retune.data.long_tables import read_long
+from retune.data.pii import Redactor
+from retune.data.readers import (
     FileStats,
     Plan,
     ReadFailure,
@@ -30,14 +29,16 @@ from retune.readers import (
     read_jsonl,
     read_txt,
 )
-from retune.records import write_records
+from retune.data.records import write_records
+from retune.data.sink import ALL_REASONS, Sink
+from retune.data.sink import CONTRACT_REASONS as CONTRACT_REASONS  # the vocabularies, from here too
+from retune.data.sink import READ_REASONS as READ_REASONS
+from retune.data.sink import REASONS as REASONS
+from retune.data.tables import csv_header, layout, parquet_columns, read_table
+from retune.data.text import normalize_text as normalize_text  # what tests and callers import
+from retune.entry import stage_main, stage_task
+from retune.errors import IngestError
 from retune.reports import write_json
-from retune.sink import ALL_REASONS, Sink
-from retune.sink import CONTRACT_REASONS as CONTRACT_REASONS  # the vocabularies, from here too
-from retune.sink import READ_REASONS as READ_REASONS
-from retune.sink import REASONS as REASONS
-from retune.tables import csv_header, layout, parquet_columns, read_table
-from retune.text import normalize_text as normalize_text  # what tests and callers import
 
 # Why an entry under `paths.incoming` was not read at all (reports/ingest.json: skipped_files).
 SKIPPED: dict[str, str] = {
@@ -121,7 +122,7 @@ def _plan(
     incoming: Path, cols: ColumnsParams, redactor: Redactor, limit: int
 ) -> tuple[list[Plan], list[dict[str, str]]]:
     """Every file under `incoming` (sorted) with its reader and layout, and the files skipped
-    ({file, reason, detail}). Names are stored redacted (retune.lineage.stored_name).
+    ({file, reason, detail}). Names are stored redacted (retune.data.lineage.stored_name).
 
     Table layouts are decided here, so a table whose columns retune cannot map stops the stage
     before any output is written; a file that cannot be read is planned to be quarantined."""

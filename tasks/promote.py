@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from retune.config import Params, PromoteParams
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
-from retune.gate import Comparison, Decision, GateError, compare, decide, diverged
-from retune.registry import GATE_ACTOR, Registry, RegistryError, load_version
+from retune.release.gate import Comparison, Decision, GateError, compare, decide, diverged
+from retune.release.registry import GATE_ACTOR, Registry, RegistryError, load_version
 from retune.reports import read_json, write_json
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def score_registered(
     model_name: str, version: int, holdout_file: Path, scoring: ScoringSettings
 ) -> pa.Table:
     """Per-example scores of a registered version on `holdout_file` (today's holdout)."""
-    from retune.scoring import score_examples
+    from retune.model.scoring import score_examples
 
     model, tokenizer = load_version(model_name, version, log_prefix="promote")
     return score_examples(
@@ -125,9 +125,9 @@ def gate(
     the paired difference against `candidate_scores`, decides, tags the version with the
     decision and moves the alias the decision names (recorded in the promotion history).
     `candidate_scores` None (forced only) skips the comparison, and so does a candidate whose
-    training diverged (`retune.gate.diverged`): it is rejected with that reason.
+    training diverged (`retune.release.gate.diverged`): it is rejected with that reason.
     """
-    from retune.scoring import aggregate
+    from retune.model.scoring import aggregate
 
     production = registry.production()
     if production == version:
@@ -288,7 +288,7 @@ def promote_version(
     Perplexity and accuracy are measured afresh; metrics of generated replies (unsafe_share,
     ...) are the version's own, from the evaluation it was registered with.
     """
-    from retune.scoring import aggregate
+    from retune.model.scoring import aggregate
 
     if force and not (reason and reason.strip()):
         raise GateError('--force needs --reason "..." (it is recorded with the promotion)')

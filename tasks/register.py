@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retune.chat import SPECIAL_TOKENS, render
 from retune.config import Params, RegisterParams, TrackingParams
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
-from retune.gitinfo import GitState, git_state
 from retune.masking import safe_params
+from retune.model.chat import SPECIAL_TOKENS, render
+from retune.release.gitinfo import GitState, git_state
 from retune.reports import read_json, write_json
 
 if TYPE_CHECKING:
@@ -330,7 +330,7 @@ def _open_run(tracking: TrackingParams, run_id: str) -> Iterator[mlflow.ActiveRu
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from retune.tracking import resume_run, setup_tracking
+    from retune.release.tracking import resume_run, setup_tracking
 
     setup_tracking(tracking)
     try:
@@ -354,7 +354,7 @@ def register(
     from huggingface_hub import ModelCard
     from mlflow import MlflowClient
 
-    from retune.modeling import load_pretrained
+    from retune.model.modeling import load_pretrained
 
     if not (model_dir / "config.json").is_file():
         raise RetuneError(

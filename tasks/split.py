@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retune import dedup
 from retune.config import HygieneParams, Params
+from retune.data import dedup
+from retune.data.lineage import CHANGES_FILE, change, write_changes
+from retune.data.records import read_records
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
-from retune.lineage import CHANGES_FILE, change, write_changes
-from retune.records import read_records
 from retune.reports import write_json
 
 _BUCKETS = 10_000

@@ -14,9 +14,9 @@ from retune.config import Params
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
+from retune.model.training import History, TrainResult, checkpoint_step, file_sha256, train
+from retune.release.tracking import setup_tracking
 from retune.reports import read_json, write_json
-from retune.tracking import setup_tracking
-from retune.training import History, TrainResult, checkpoint_step, file_sha256, train
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retune.config import HygieneParams, Params, ValidateParams
+from retune.data.pii import KINDS, PLACEHOLDERS, WORDS
+from retune.data.pii import kinds_in as pii_kinds_in
+from retune.data.pii import redact as redact_pii
+from retune.data.records import ROLE_ORDER_REGEX
 from retune.entry import stage_main, stage_task
 from retune.env import configure_environment
 from retune.errors import DataValidationError, MissingInputError
-from retune.pii import KINDS, PLACEHOLDERS, WORDS
-from retune.pii import kinds_in as pii_kinds_in
-from retune.pii import redact as redact_pii
-from retune.records import ROLE_ORDER_REGEX
 from retune.reports import read_json, write_json
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def build_suite(cfg: ValidateParams, redact: tuple[str, ...]) -> list[Expectatio
                 description=(
                     f"No text still contains {_PII_WORDS.get(kind, kind)} after redaction "
                     f"(ingest.redact lists {kind}; the same detector as ingest's, "
-                    "retune.pii)."
+                    "retune.data.pii)."
                 ),
             )
         )
@@ -165,7 +165,7 @@ def _pii_in(text: str) -> frozenset[str]:
 @lru_cache(maxsize=1)
 def pii_expectation() -> type[Expectation]:
     """`ExpectColumnValuesToHoldNoPii(column=, kind=)`: a GX expectation that runs ingest's own
-    detector (retune.pii.find) on every value. A regular expression cannot check a Luhn digit,
+    detector (retune.data.pii.find) on every value. A regular expression cannot check a Luhn digit,
     an IBAN checksum or a phone number's validity, so `validate` would disagree with `ingest`.
     Defined on first use (GX registers it then), so importing this module stays light."""
     from typing import ClassVar
@@ -186,7 +186,7 @@ def pii_expectation() -> type[Expectation]:
             return column.map(lambda text: not isinstance(text, str) or kind not in _pii_in(text))
 
     class ExpectColumnValuesToHoldNoPii(ColumnMapExpectation):
-        """Expect no value to hold personal data or a secret of `kind` (see retune.pii)."""
+        """Expect no value to hold personal data or a secret of `kind` (see retune.data.pii)."""
 
         kind: str
         map_metric = "column_values.retune_hold_no_pii"
@@ -740,7 +740,7 @@ def representation_frames(
     import pandas as pd
     import pyarrow.compute as pc
 
-    from retune import representation as rep
+    from retune.data import representation as rep
 
     categories = None
     if hyg.min_category_share > 0 and "meta" in source.columns and source.num_rows:
@@ -921,7 +921,7 @@ def run(params: Params) -> ValidateResult:
     import mlflow
     import pyarrow.parquet as pq
 
-    from retune.tracking import setup_tracking
+    from retune.release.tracking import setup_tracking
 
     clean = params.paths.clean
     records = clean / "records.parquet"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from retune.config import Params
+from retune.data.records import Record, write_records
 from retune.env import configure_environment
-from retune.records import Record, write_records
 from tests.helpers import make_conversations, tiny_params_for
 
 configure_environment()
@@ -40,9 +40,9 @@ def prepared(tiny_params: Params) -> Params:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide GPT-2 and its tokenizer, saved with `save_pretrained`: loaded by
     the same `from_pretrained(path)` code path as a user's base model."""
-    from retune.chat import render
     from retune.config import ScratchModelParams
-    from retune.modeling import scratch_model, train_tokenizer
+    from retune.model.chat import render
+    from retune.model.modeling import scratch_model, train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-model")
     texts = [" ".join(c for _, c in conv) for conv in make_conversations(80)]

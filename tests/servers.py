@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from retune.config import Params
-from retune.feedback import FeedbackStore
-from retune.registry import Registry
-from retune.serving import create_app, serve_in_thread
+from retune.online.feedback import FeedbackStore
+from retune.online.serving import create_app, serve_in_thread
+from retune.release.registry import Registry
 from tests.helpers import tiny_params_for
 
 TOKEN = "test-token-" + "x" * 20
@@ -26,8 +26,8 @@ def register_versions(params: Params, model_dir: Path, times: int) -> list[int]:
     register stage (a bare MLflow run stands in for train's); return the versions."""
     import mlflow
 
-    from retune.gitinfo import GitState
-    from retune.tracking import setup_tracking
+    from retune.release.gitinfo import GitState
+    from retune.release.tracking import setup_tracking
     from tasks.register import ModelFacts, register
 
     setup_tracking(params.tracking)

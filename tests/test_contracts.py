@@ -159,7 +159,7 @@ def _retune_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from retune import dedup` imports the module retune.dedup.
+            # `from retune import dedup` imports the module retune.data.dedup.
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         found |= {n for n in names if n == "retune" or n.startswith("retune.")}
     return found
@@ -186,7 +186,8 @@ def retune_closure(path: Path) -> set[str]:
             if file is not None and file not in seen:
                 seen.add(file)
                 todo.append(file)
-    # Metric modules are loaded by path (`evaluate.load("retune/metrics/x.py")`), not imported.
+    # Metric modules are loaded by path (`evaluate.load("retune/model/metrics/x.py")`), not
+    # imported.
     return {f.relative_to(ROOT).as_posix() for f in seen if f.name != "__init__.py"}
 
 

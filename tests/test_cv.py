@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from retune.config import Params
-from retune.records import read_records
+from retune.data.records import read_records
 from tasks import cv, split, train
 
 
@@ -75,7 +75,7 @@ def test_folds_are_child_runs_and_the_summary_matches_them(
 ) -> None:
     from mlflow import MlflowClient
 
-    from retune.tracking import setup_tracking
+    from retune.release.tracking import setup_tracking
 
     params = with_folds(trained, 2)
     paths = params.paths

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from retune.config import Params
-from retune.datastate import (
+from retune.data.datastate import (
     FINGERPRINT_TAG,
     incoming_files,
     incoming_fingerprint,
@@ -68,7 +68,7 @@ def test_renames_new_files_count_and_dotfiles_do_not(tmp_path: Path) -> None:
 def test_the_last_retrain_s_fingerprint_is_read_back_from_mlflow(tiny_params: Params) -> None:
     import mlflow
 
-    from retune.tracking import setup_tracking
+    from retune.release.tracking import setup_tracking
 
     assert last_fingerprint(tiny_params) is None
     with pytest.raises(RetuneError, match=r"train\.json"):

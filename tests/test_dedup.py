@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from datasketch import MinHash
 
-from retune import dedup
+from retune.data import dedup
 
 WORDS = [f"w{i}" for i in range(5_000)]
 

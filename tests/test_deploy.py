@@ -224,9 +224,9 @@ def test_data_check_starts_retrain_only_when_the_content_changed(
 
     from flows.data_check import data_check
     from flows.retrain import retrain
-    from retune.datastate import incoming_fingerprint, record_fingerprint
+    from retune.data.datastate import incoming_fingerprint, record_fingerprint
+    from retune.release.tracking import setup_tracking
     from retune.reports import write_json
-    from retune.tracking import setup_tracking
 
     params, params_file = write_params(tmp_path)
     # A retrain deployment nobody serves: the runs data-check asks for stay Scheduled.

@@ -41,7 +41,7 @@ def test_the_first_model_of_a_documents_only_corpus_is_promoted_by_the_default_g
     documents: Params,
 ) -> None:
     from retune.config import PromoteParams
-    from retune.registry import Registry
+    from retune.release.registry import Registry
     from retune.reports import read_json
     from tasks import evaluate, hygiene, ingest, promote, register, split, train, validate
 

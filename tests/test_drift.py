@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from retune.config import DriftParams, Params
-from retune.drift import (
+from retune.data.records import Record, write_records
+from retune.online.drift import (
     DRIFT,
     NO_DRIFT,
     NOT_ENOUGH_DATA,
@@ -28,7 +29,6 @@ from retune.drift import (
     split_window,
     waiting_for,
 )
-from retune.records import Record, write_records
 from tests.helpers import make_conversations, tiny_params_for
 
 CFG = DriftParams(
@@ -152,7 +152,7 @@ def log_ratings(store: Any, version: str, prompts: list[str], negative: list[boo
 
 
 def test_quality_drift_reads_only_production_ratings_from_the_store(tmp_path: Path) -> None:
-    from retune.feedback import FeedbackStore
+    from retune.online.feedback import FeedbackStore
     from tasks.drift import check_quality
 
     cfg = dataclasses.replace(CFG, window=30, reference_ratings=30, min_ratings=20)
@@ -204,7 +204,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 def test_off_domain_prompts_are_input_drift_and_same_domain_ones_are_not(
     tmp_path: Path, trained_model: Path
 ) -> None:
-    from retune.modeling import load_pretrained
+    from retune.model.modeling import load_pretrained
     from tasks.drift import check_inputs, holdout_user_turns, prompt_figures
 
     model, tokenizer = load_pretrained(trained_model)
@@ -276,8 +276,8 @@ def test_drift_check_flow_finds_drift_in_production_and_emits_the_event(
 
     from flows.drift import drift_check
     from retune.config import to_plain
-    from retune.feedback import FeedbackStore
-    from retune.registry import PRODUCTION, Registry
+    from retune.online.feedback import FeedbackStore
+    from retune.release.registry import PRODUCTION, Registry
     from retune.reports import read_json
     from tests.test_promote import register_candidate
 
@@ -351,8 +351,8 @@ def test_a_drift_already_acted_on_does_not_retrain_again_until_new_ratings_arriv
     from mlflow import MlflowClient
 
     from flows.drift import respond
-    from retune.feedback import FeedbackStore
-    from retune.registry import PRODUCTION, Registry
+    from retune.online.feedback import FeedbackStore
+    from retune.release.registry import PRODUCTION, Registry
     from retune.reports import read_json
     from tasks.drift import run as check
     from tests.test_promote import register_candidate

@@ -15,9 +15,9 @@ import pytest
 import tasks.split
 from retune.config import Params
 from retune.errors import RetuneError
-from retune.metrics import NAMES, load_metric, metric_path
+from retune.model.metrics import NAMES, load_metric, metric_path
+from retune.model.scoring import GENERATION_COLUMNS, SCORES_SCHEMA
 from retune.reports import read_json, write_json
-from retune.scoring import GENERATION_COLUMNS, SCORES_SCHEMA
 from tasks.evaluate import run, unigram_counts, unigram_perplexity
 
 REPLY_KEYS = {
@@ -95,7 +95,7 @@ def test_stage_scores_holdout_and_logs_into_the_pipeline_run(
 ) -> None:
     import mlflow
 
-    from retune.tracking import setup_tracking
+    from retune.release.tracking import setup_tracking
 
     params = prepared
     _pipeline(params, tiny_model_dir)

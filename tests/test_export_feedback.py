@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from retune.config import Params
-from retune.records import Record, write_records
+from retune.data.records import Record, write_records
 from tests.helpers import tiny_params_for
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -47,7 +47,7 @@ def params(tmp_path: Path) -> Params:
 
 @pytest.fixture
 def store(params: Params) -> Any:
-    from retune.feedback import FeedbackStore
+    from retune.online.feedback import FeedbackStore
 
     store = FeedbackStore.open(params.feedback.store_url)
     yield store

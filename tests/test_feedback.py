@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from retune.errors import RetuneError
-from retune.feedback import FEEDBACK_COLUMNS, INTERACTION_COLUMNS, FeedbackStore, UnknownInteraction
+from retune.online.feedback import (
+    FEEDBACK_COLUMNS,
+    INTERACTION_COLUMNS,
+    FeedbackStore,
+    UnknownInteraction,
+)
 
 EMAIL, PHONE = "jane.doe@example.com", "+1 415 555 2671"
 

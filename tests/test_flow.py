@@ -135,7 +135,7 @@ def test_failed_expectation_stops_before_train_and_registers_nothing(
 
     from flows.retrain import retrain
     from retune.errors import DataValidationError
-    from retune.tracking import resolved_uri
+    from retune.release.tracking import resolved_uri
 
     params = tiny_params_for(tmp_path, validate={"min_examples": 10_000})
     write_incoming(params, [])
@@ -156,7 +156,7 @@ def test_a_worse_retrain_is_registered_but_production_does_not_move(
     from mlflow import MlflowClient
 
     from flows.retrain import retrain
-    from retune.tracking import resolved_uri
+    from retune.release.tracking import resolved_uri
 
     params = tiny_params_for(tmp_path, train={"max_steps": 30, "save_steps": 30})
     write_incoming(params, [])

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from retune.config import PromoteParams
-from retune.gate import Comparison, GateError, check_absolute, compare, decide
+from retune.release.gate import Comparison, GateError, check_absolute, compare, decide
 
 CFG = PromoteParams(max_perplexity=100.0, max_perplexity_vs_baseline=1.0, max_unsafe_share=0.05)
 GOOD = {"perplexity": 5.2, "perplexity_vs_baseline": 0.02, "unsafe_share": 0.0}

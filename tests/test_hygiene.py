@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from retune.config import HygieneParams, Params, SampleParams, to_plain
-from retune.lineage import data_version, trace
-from retune.records import Record, write_records
+from retune.data.lineage import data_version, trace
+from retune.data.records import Record, write_records
 from tasks.hygiene import hygiene, run
 
 BILLING = [

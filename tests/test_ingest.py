@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from retune.config import ColumnsParams, IngestParams, Params
+from retune.data.pii import PATTERNS, PREFILTERS
+from retune.data.records import SCHEMA, record_id
 from retune.errors import IngestError
-from retune.pii import PATTERNS, PREFILTERS
-from retune.records import SCHEMA, record_id
 from tasks.ingest import REASONS, IngestResult, ingest, normalize_text, run
 
 

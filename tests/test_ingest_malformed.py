@@ -28,8 +28,8 @@ from benchmarks.malformed import (
     write_corpus,
 )
 from retune.config import IngestParams, Params
-from retune.lineage import trace
-from retune.readers import LineSource, Overlong, line_limit
+from retune.data.lineage import trace
+from retune.data.readers import LineSource, Overlong, line_limit
 from tasks import ingest as ingest_module
 from tasks.ingest import ALL_REASONS, SKIPPED, IngestResult, ingest, run
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from retune.config import Params
-from retune.records import Record, write_records
-from retune.registry import Registry, RegistryError
+from retune.data.records import Record, write_records
+from retune.release.registry import Registry, RegistryError
+from retune.release.tracking import setup_tracking
 from retune.reports import read_json, write_json
-from retune.tracking import setup_tracking
 from tests.helpers import make_conversations, tiny_params_for
 
 ACTOR = "cli:tester"
@@ -49,8 +49,8 @@ def trained_copy(src: Path, out: Path, steps: int, noise: float = 0.0) -> Path:
     weight, saved to `out`: cheap candidates of known quality."""
     import torch
 
-    from retune.modeling import load_pretrained
-    from retune.scoring import encode
+    from retune.model.modeling import load_pretrained
+    from retune.model.scoring import encode
 
     torch.manual_seed(0)
     model, tokenizer = load_pretrained(src)
@@ -81,13 +81,13 @@ def trained_copy(src: Path, out: Path, steps: int, noise: float = 0.0) -> Path:
 
 def register_candidate(params: Params, model_dir: Path, **metrics: float) -> int:
     """What train -> evaluate -> register leave for the gate: a pipeline run, the candidate's
-    per-example holdout scores (through retune.scoring, as `evaluate` writes them), its
+    per-example holdout scores (through retune.model.scoring, as `evaluate` writes them), its
     metrics, and a registered version (the real register stage). Returns the version."""
     import mlflow
     import pyarrow.parquet as pq
 
-    from retune.modeling import load_pretrained
-    from retune.scoring import aggregate, score_examples
+    from retune.model.modeling import load_pretrained
+    from retune.model.scoring import aggregate, score_examples
     from tasks.register import run as register
 
     reports = params.paths.reports
@@ -227,7 +227,7 @@ def test_manual_promote_refuses_worse_force_overrides_and_rollback_walks_back(
 ) -> None:
     from mlflow import MlflowClient
 
-    from retune.gate import GateError
+    from retune.release.gate import GateError
     from tasks.promote import promote_version
     from tasks.promote import run as promote
 
@@ -300,7 +300,7 @@ def test_a_failed_gate_never_serves_and_production_is_served_by_its_alias(
     import time
     import urllib.request
 
-    from retune.tracking import resolved_uri
+    from retune.release.tracking import resolved_uri
     from tasks.promote import run as promote
 
     unsafe = register_candidate(params, candidates["good"], unsafe_share=0.3)
@@ -362,7 +362,7 @@ def diverged_copy(params: Params, base: Path, out: Path) -> Path:
     and the holdout perplexity overflows to inf (mean NLL in the tens of thousands)."""
     import dataclasses
 
-    from retune.training import train
+    from retune.model.training import train
 
     train_file = params.paths.split / "train.parquet"
     rows = (

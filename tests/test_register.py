@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from retune import pii
 from retune.config import Params
-from retune.gitinfo import GitState, git_state
+from retune.data import pii
 from retune.masking import MASK, flatten, is_secret_key, mask_secrets, mask_value, safe_params
+from retune.release.gitinfo import GitState, git_state
+from retune.release.tracking import resolved_uri, setup_tracking
 from retune.reports import read_json, write_json
-from retune.tracking import resolved_uri, setup_tracking
 from tasks.register import ModelFacts, model_card, run, version_tags
 
 DATA_VERSION = "d" * 64

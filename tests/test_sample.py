@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from retune.config import Params, SampleParams
-from retune.pii import KINDS, redact
+from retune.data.pii import KINDS, redact
 from tasks.sample import (
     CHAT_FILE,
     CSV_FILE,
@@ -354,7 +354,7 @@ def test_paraphrases_are_near_but_never_exact_duplicates() -> None:
 
     import pyarrow as pa
 
-    from retune import dedup
+    from retune.data import dedup
     from tasks.sample import _conversation, _slots, paraphrase
 
     rng = random.Random(3)

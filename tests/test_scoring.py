@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from retune.metrics import load_metric
-from retune.records import Record, write_records
-from retune.scoring import (
+from retune.data.records import Record, write_records
+from retune.model.metrics import load_metric
+from retune.model.scoring import (
     GENERATION_COLUMNS,
     REPLY_METRICS,
     SCORES_SCHEMA,
@@ -155,7 +155,7 @@ def test_select_holdout_takes_the_first_records_by_id(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> tuple[Any, Any]:
-    from retune.modeling import load_pretrained
+    from retune.model.modeling import load_pretrained
 
     return load_pretrained(tiny_model_dir)
 

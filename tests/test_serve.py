@@ -15,9 +15,15 @@ import httpx
 import pytest
 
 from retune.config import Params
-from retune.feedback import FeedbackStore
-from retune.registry import Registry
-from retune.serving import ModelWatcher, ServedModel, create_app, load_served, serve_in_thread
+from retune.online.feedback import FeedbackStore
+from retune.online.serving import (
+    ModelWatcher,
+    ServedModel,
+    create_app,
+    load_served,
+    serve_in_thread,
+)
+from retune.release.registry import Registry
 from tests.servers import TOKEN, auth, register_versions, registered_params, serving
 
 # Every test here serves models registered in a temporary MLflow store (~15 s to set up).
@@ -315,7 +321,7 @@ def test_fields_asking_for_what_the_server_cannot_do_are_a_400_naming_them(
 def test_a_chat_template_that_refuses_the_messages_is_the_clients_400() -> None:
     from jinja2 import TemplateError
 
-    from retune.serving import ApiError, render_prompt
+    from retune.online.serving import ApiError, render_prompt
 
     class Strict:
         def apply_chat_template(self, *_args: Any, **_kwargs: Any) -> str:

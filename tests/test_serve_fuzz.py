@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from retune.feedback import FeedbackStore
+from retune.online.feedback import FeedbackStore
 from tests.servers import TOKEN, auth, registered_params, serving
 
 # The server serves a model registered in a temporary MLflow store (~15 s to set up).

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retune.config import HygieneParams, Params
-from retune.records import SCHEMA, Record, write_records
+from retune.data.records import SCHEMA, Record, write_records
 from tasks.split import is_holdout, run, split, split_without_leaks
 from tests.helpers import make_conversations
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from retune.chat import CHAT_TEMPLATE, render
 from retune.config import Params
+from retune.data.records import iter_messages, read_records
 from retune.errors import BaseModelError
-from retune.modeling import load_pretrained
-from retune.records import iter_messages, read_records
-from retune.training import FINGERPRINT_FILE, TrainResult, pack, train
+from retune.model.chat import CHAT_TEMPLATE, render
+from retune.model.modeling import load_pretrained
+from retune.model.training import FINGERPRINT_FILE, TrainResult, pack, train
 from tasks import split
 from tasks.train import run
 
@@ -160,7 +160,7 @@ def test_run_starts_the_mlflow_run_and_writes_reports(split_params: Params) -> N
     import mlflow
     from mlflow import MlflowClient
 
-    from retune.tracking import resolved_uri
+    from retune.release.tracking import resolved_uri
 
     paths = split_params.paths
     paths.clean.mkdir(parents=True, exist_ok=True)  # train reads the hygiene stage's manifest

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from retune.config import HygieneParams, Params, ValidateParams
+from retune.data.records import ROLE_ORDER_REGEX, Record, read_records, write_records
 from retune.errors import DataValidationError
-from retune.records import ROLE_ORDER_REGEX, Record, read_records, write_records
 from tasks.validate import build_suite, check, error_message, run
 
 REDACT = ("email", "phone")

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retune.config import ValidateParams
-from retune.records import Record, write_records
+from retune.data.records import Record, write_records
 from tasks.validate import check
 from tests.helpers import make_conversations
 

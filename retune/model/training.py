@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retune.chat import render
 from retune.config import TrainParams
+from retune.data.records import iter_messages, read_records
 from retune.errors import BaseModelError, RetuneError
-from retune.modeling import load_pretrained, scratch_model, train_chat_tokenizer
-from retune.records import iter_messages, read_records
+from retune.model.chat import render
+from retune.model.modeling import load_pretrained, scratch_model, train_chat_tokenizer
 from retune.reports import write_json
 
 if TYPE_CHECKING:
@@ -307,7 +307,8 @@ def training_fingerprint(cfg: TrainParams, seed: int, train_file: Path) -> str:
     import torch
     import transformers
 
-    from retune import chat, modeling, records
+    from retune.data import records
+    from retune.model import chat, modeling
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
     # By file name: the hash follows the code, wherever the module is imported from.

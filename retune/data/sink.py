@@ -2,7 +2,7 @@
 redacted into a record row, or a quarantine entry (redacted too), every row counted.
 
 Used by `tasks.ingest` (which makes one per run) and, through it, by the readers in
-retune.readers, retune.tables and retune.long_tables. Nothing runs here.
+retune.data.readers, retune.data.tables and retune.data.long_tables. Nothing runs here.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from retune.config import IngestParams
-from retune.lineage import pseudonym
-from retune.pii import Redactor, strings_in, with_strings
-from retune.readers import FileStats, Reject, line_limit
-from retune.records import ROLE_ORDER_REGEX, ROLES, Record
-from retune.text import normalize_text
+from retune.data.lineage import pseudonym
+from retune.data.pii import Redactor, strings_in, with_strings
+from retune.data.readers import FileStats, Reject, line_limit
+from retune.data.records import ROLE_ORDER_REGEX, ROLES, Record
+from retune.data.text import normalize_text
 
 # Why a unit went to quarantine.jsonl: a fixed vocabulary (reports and tests count by it).
 REASONS: dict[str, str] = {
@@ -36,7 +36,7 @@ REASONS: dict[str, str] = {
 # Records `validate`'s data contract would refuse: held back here, so the run goes on.
 CONTRACT_REASONS: dict[str, str] = {
     "role_order": "roles out of order: an optional system turn, then user and assistant taking "
-    "turns from the user (or one text document); see retune.records.ROLE_ORDER_REGEX",
+    "turns from the user (or one text document); see retune.data.records.ROLE_ORDER_REGEX",
     "text_length": "a record's text shorter than validate.min_chars or longer than "
     "validate.max_chars",
 }
@@ -45,7 +45,7 @@ CONTRACT_REASONS: dict[str, str] = {
 READ_REASONS: dict[str, str] = {
     "too_large": "a line, CSV record, text block, JSON document or Parquet row group over the "
     "limit derived from ingest.max_message_chars (reports/ingest.json: line_limit_bytes)",
-    "too_deep": "JSON nested deeper than retune.readers.MAX_DEPTH levels",
+    "too_deep": "JSON nested deeper than retune.data.readers.MAX_DEPTH levels",
     "malformed_csv": "a CSV/TSV header or row that cannot be parsed (a quote left open)",
     "encoding": "text that is neither UTF-8 nor UTF-16/32 with a byte-order mark",
     "corrupt_file": "a Parquet file, or a row group of one, that is empty, truncated or corrupt",

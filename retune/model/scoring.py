@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retune.chat import SPECIAL_TOKENS, render
 from retune.errors import RetuneError
-from retune.metrics import load_metric
+from retune.model.chat import SPECIAL_TOKENS, render
+from retune.model.metrics import load_metric
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -33,7 +33,7 @@ SCORES_SCHEMA = pa.schema(
     ]
 )
 GENERATION_COLUMNS = ("id", "prompt", "reference", "generated")
-# Reply metrics (modules in retune/metrics) and the figures `score_replies` keeps from them.
+# Reply metrics (modules in retune/model/metrics) and the figures `score_replies` keeps from them.
 REPLY_METRICS = ("rouge_l", "chrf", "distinct_n", "reply_length", "unsafe_share")
 _REPLY_FIGURES = (
     "rouge_l",

@@ -1,7 +1,7 @@
 """What ingest's format readers share, and the line-based formats: JSON Lines, JSON documents
 (one array or object spread over lines) and plain text.
 
-Used by `tasks.ingest` and `retune.tables` (CSV/TSV/Parquet). A reader never stops the stage:
+Used by `tasks.ingest` and `retune.data.tables` (CSV/TSV/Parquet). A reader never stops the stage:
 what it cannot read goes to the sink's quarantine with file, line and reason, and every cost
 is bounded by the input limit (`line_limit`), so one giant or deeply nested line costs little.
 """
@@ -26,7 +26,7 @@ import orjson  # a dependency of prefect, great-expectations and dvc; ~3x faster
 from retune.config import ColumnsParams
 
 if TYPE_CHECKING:
-    from retune.sink import Sink
+    from retune.data.sink import Sink
 
 # Deeper JSON than this is quarantined (`too_deep`): Python recursion would fail on it.
 MAX_DEPTH = 64

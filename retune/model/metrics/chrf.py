@@ -1,6 +1,6 @@
 """Corpus chrF of generated replies against reference replies, as an `evaluate` script.
 
-Loaded by path (`retune.metrics.load_metric("chrf")`): hub metrics cannot load offline.
+Loaded by path (`retune.model.metrics.load_metric("chrf")`): hub metrics cannot load offline.
 Computed by `sacrebleu`, the reference implementation.
 """
 
@@ -25,7 +25,7 @@ Returns:
     chrf (`float`): corpus chrF, in [0, 100].
     n_examples (`int`): how many pairs were scored.
 Examples:
-    >>> chrf = retune.metrics.load_metric("chrf")
+    >>> chrf = retune.model.metrics.load_metric("chrf")
     >>> chrf.compute(predictions=["the cat sat"], references=["the cat sat"])["chrf"]
     100.0
 """

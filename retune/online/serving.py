@@ -31,13 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from retune import pii
 from retune.config import Params
+from retune.data import pii
 from retune.errors import RetuneError
-from retune.feedback import FeedbackStore, UnknownInteraction
+from retune.online.feedback import FeedbackStore, UnknownInteraction
 
 if TYPE_CHECKING:
-    from retune.registry import Registry
+    from retune.release.registry import Registry
 
 # A failed load of one version is retried no sooner than this, so a broken artifact does not
 # reload every poll.
@@ -136,8 +136,8 @@ def _context_of(model: Any, tokenizer: Any) -> int:
 
 def load_served(name: str, version: int) -> ServedModel:
     """Load `name` version `version` from the registry, ready to generate."""
-    from retune.chat import ensure_chat_template
-    from retune.registry import load_version
+    from retune.model.chat import ensure_chat_template
+    from retune.release.registry import load_version
 
     model, tokenizer = load_version(name, version, log_prefix="serve")
     model.eval()
@@ -327,7 +327,7 @@ def generate(
     import torch
     from transformers import StoppingCriteriaList
 
-    from retune.scoring import generate_tokens
+    from retune.model.scoring import generate_tokens
 
     kwargs: dict[str, Any] = {"do_sample": False}
     if temperature is not None and temperature >= MIN_SAMPLING_TEMPERATURE:
@@ -580,7 +580,7 @@ def render_prompt(model: ServedModel, messages: list[dict[str, str]], param: str
     them (some require alternating roles) is the client's 400, naming `param`."""
     from jinja2 import TemplateError, TemplateSyntaxError
 
-    from retune.chat import render
+    from retune.model.chat import render
 
     try:
         with model.tokenizer_lock:
@@ -663,7 +663,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if state.watcher is None:
-            from retune.registry import Registry
+            from retune.release.registry import Registry
 
             registry = Registry.open(params.tracking, params.register.model_name)
             state.watcher = ModelWatcher(registry, cfg.alias, cfg.reload_interval_s)
@@ -947,7 +947,7 @@ def create_app(
 
 class RedactAccessLog(logging.Filter):
     """Hides what a client may have put a secret in from uvicorn's access log: the query string
-    (`?token=...`) goes, and a key in the path is redacted as retune.pii redacts secrets."""
+    (`?token=...`) goes, and a key in the path is redacted as retune.data.pii redacts secrets."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         # uvicorn logs (client, method, path with query, HTTP version, status).

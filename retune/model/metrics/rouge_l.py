@@ -1,6 +1,6 @@
 """ROUGE-L F-measure of generated replies against reference replies, as an `evaluate` script.
 
-Loaded by path (`retune.metrics.load_metric("rouge_l")`): hub metrics cannot load offline.
+Loaded by path (`retune.model.metrics.load_metric("rouge_l")`): hub metrics cannot load offline.
 Scored with Google's `rouge-score` package, with a Unicode-aware word tokenizer.
 """
 
@@ -29,7 +29,7 @@ Returns:
     rouge_l (`float`): mean ROUGE-L F-measure over examples, in [0, 1].
     n_examples (`int`): how many pairs were scored.
 Examples:
-    >>> rouge = retune.metrics.load_metric("rouge_l")
+    >>> rouge = retune.model.metrics.load_metric("rouge_l")
     >>> rouge.compute(predictions=["the cat sat"], references=["the cat sat"])["rouge_l"]
     1.0
 """

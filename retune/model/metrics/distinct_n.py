@@ -1,6 +1,6 @@
 """Distinct-1 and distinct-2 of generated replies (lexical diversity), as an `evaluate` script.
 
-Loaded by path (`retune.metrics.load_metric("distinct_n")`): hub metrics cannot load offline.
+Loaded by path (`retune.model.metrics.load_metric("distinct_n")`): hub metrics cannot load offline.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ Returns:
     distinct_1 (`float`): unique words / words, in [0, 1] (0 when there are no words).
     distinct_2 (`float`): unique word bigrams / bigrams, in [0, 1] (0 when there are none).
 Examples:
-    >>> distinct = retune.metrics.load_metric("distinct_n")
+    >>> distinct = retune.model.metrics.load_metric("distinct_n")
     >>> distinct.compute(predictions=["a b a", "a b"])["distinct_1"]
     0.4
 """

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 
-from retune import pii
+from retune.data import pii
 from retune.errors import RetuneError
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class UnknownInteraction(RetuneError):
 
 
 def _redact(text: str) -> str:
-    # Every kind retune.pii knows (e-mail, phone, card, IBAN, IP, SSN, secrets).
+    # Every kind retune.data.pii knows (e-mail, phone, card, IBAN, IP, SSN, secrets).
     return pii.redact(text, pii.KINDS)[0]
 
 

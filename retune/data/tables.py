@@ -1,8 +1,8 @@
 """ingest's table formats, CSV/TSV and Parquet: the header or schema a file is planned by, and
 the rows of the tables with one unit per row (table_chat, table_wide, table_text).
 
-Used by `tasks.ingest` and `retune.long_tables`; the shared reader pieces are in
-`retune.readers`. What cannot be read is quarantined: a row, a Parquet row group, or the file.
+Used by `tasks.ingest` and `retune.data.long_tables`; the shared reader pieces are in
+`retune.data.readers`. What cannot be read is quarantined: a row, a Parquet row group, or the file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from retune.config import ColumnsParams
 from retune.errors import IngestError
-from retune.readers import (
+from retune.data.readers import (
     MAX_DEPTH,
     PROGRESS_EVERY,
     FileStats,
@@ -37,7 +37,7 @@ from retune.readers import (
 )
 
 if TYPE_CHECKING:
-    from retune.sink import Sink
+    from retune.data.sink import Sink
 
 
 class RowIssue(NamedTuple):

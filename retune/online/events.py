@@ -10,7 +10,7 @@ DATA_CHECK_DEPLOYMENT = "data-check/data-check"
 DRIFT_CHECK_DEPLOYMENT = "drift-check/drift-check"
 
 # Emitted by the `drift-check` flow on drift; the `retrain` deployment's trigger expects it.
-DRIFT_EVENT = "retune.drift.detected"
+DRIFT_EVENT = "retune.online.drift.detected"
 
 
 def model_resource_id(model_name: str) -> str:

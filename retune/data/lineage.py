@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from retune.config import PathsParams
-    from retune.pii import Redactor
+    from retune.data.pii import Redactor
 
 CHANGES_FILE = "changes.jsonl"
 
@@ -156,7 +156,7 @@ def trace(paths: PathsParams, source: str) -> list[Step]:
 
     `source` is the real file name or the name ingest stored; a real name holding personal
     data is looked up as stored (redacted with every kind, which is ingest's default)."""
-    from retune.pii import Redactor  # only `retune trace` needs the detectors here
+    from retune.data.pii import Redactor  # only `retune trace` needs the detectors here
 
     for name in dict.fromkeys([text_name(source), stored_name(source, Redactor())]):
         steps = _trace(paths, name)

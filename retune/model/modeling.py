@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from retune.chat import SPECIAL_TOKENS, ensure_chat_template, render
 from retune.config import ScratchModelParams
+from retune.data.pii import PLACEHOLDERS
 from retune.errors import BaseModelError
-from retune.pii import PLACEHOLDERS
+from retune.model.chat import SPECIAL_TOKENS, ensure_chat_template, render
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:

@@ -1,6 +1,6 @@
 """Corpus perplexity from per-example summed token NLL, as an `evaluate` metric script.
 
-Loaded by path (`retune.metrics.load_metric("perplexity")`): hub metrics cannot load offline.
+Loaded by path (`retune.model.metrics.load_metric("perplexity")`): hub metrics cannot load offline.
 Fed per-example aggregates with `add_batch`, so the model's logits never reach the metric.
 """
 
@@ -30,7 +30,7 @@ Returns:
     mean_nll (`float`): sum(nll_sum) / sum(n_tokens), the cross-entropy in nats per token.
     n_tokens (`int`): sum(n_tokens).
 Examples:
-    >>> ppl = retune.metrics.load_metric("perplexity")
+    >>> ppl = retune.model.metrics.load_metric("perplexity")
     >>> ppl.add_batch(nll_sum=[2.0, 4.0], n_tokens=[2, 4])
     >>> round(ppl.compute()["perplexity"], 4)
     2.7183

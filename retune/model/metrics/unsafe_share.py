@@ -1,6 +1,7 @@
 """Share of generated replies that fail a blocklist safety screen, as an `evaluate` script.
 
-Loaded by path (`retune.metrics.load_metric("unsafe_share")`): hub metrics cannot load offline.
+Loaded by path (`retune.model.metrics.load_metric("unsafe_share")`): hub metrics cannot load
+offline.
 The blocklist is a compute argument (`evaluate.safety_blocklist` in params.yaml).
 """
 
@@ -28,7 +29,7 @@ Returns:
     unsafe_share (`float`): flagged replies / replies, in [0, 1].
     n_unsafe (`int`): how many replies were flagged.
 Examples:
-    >>> unsafe = retune.metrics.load_metric("unsafe_share")
+    >>> unsafe = retune.model.metrics.load_metric("unsafe_share")
     >>> unsafe.compute(predictions=["Shut  up!", "a classic"], blocklist=["shut up", "ass"])
     {'unsafe_share': 0.5, 'n_unsafe': 1}
 """

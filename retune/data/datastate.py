@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from retune.config import Params, to_plain
 from retune.errors import RetuneError
 from retune.reports import read_json
-from retune.tracking import resolved_uri
+from retune.release.tracking import resolved_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -29,7 +29,7 @@ FINGERPRINT_TAG = "retune.incoming_fingerprint"
 RUN_FINGERPRINT_TAG = "retune.run_fingerprint"
 # Sections that configure serving and the loop around the model, not the model itself.
 _NOT_MODEL_SECTIONS = ("serve", "feedback", "drift", "schedule")
-_CODE_ROOT = Path(__file__).resolve().parents[1]
+_CODE_ROOT = Path(__file__).resolve().parents[2]
 _CODE_PACKAGES = ("retune", "tasks", "flows")
 
 # Large reads keep the per-call overhead negligible; hashlib drops the GIL while it hashes, so a

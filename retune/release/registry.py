@@ -23,7 +23,7 @@ from retune.errors import RetuneError
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from retune.gate import Decision
+    from retune.release.gate import Decision
 
 PRODUCTION = "production"
 CHALLENGER = "challenger"
@@ -106,7 +106,7 @@ class Registry:
         """Point MLflow at `tracking` (store and registry) and return the model's registry."""
         from mlflow import MlflowClient
 
-        from retune.tracking import setup_tracking
+        from retune.release.tracking import setup_tracking
 
         setup_tracking(tracking)
         return cls(client=MlflowClient(), tracking=tracking, model_name=model_name)

@@ -1,6 +1,7 @@
 """Mean length of generated replies in words, as an `evaluate` script.
 
-Loaded by path (`retune.metrics.load_metric("reply_length")`): hub metrics cannot load offline.
+Loaded by path (`retune.model.metrics.load_metric("reply_length")`): hub metrics cannot load
+offline.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ Returns:
     empty_reply_share (`float`): share of replies with no word at all, in [0, 1].
     n_replies (`int`): how many replies were measured.
 Examples:
-    >>> length = retune.metrics.load_metric("reply_length")
+    >>> length = retune.model.metrics.load_metric("reply_length")
     >>> length.compute(predictions=["one two", "", "three"])["mean_reply_words"]
     1.0
 """

@@ -1,6 +1,6 @@
 """Next-token accuracy (greedy top-1 hits per predicted token), as an `evaluate` metric script.
 
-Loaded by path (`retune.metrics.load_metric("next_token_accuracy")`): hub metrics cannot load
+Loaded by path (`retune.model.metrics.load_metric("next_token_accuracy")`): hub metrics cannot load
 offline. Fed per-example counts with `add_batch`, so memory does not grow with the vocabulary.
 """
 
@@ -26,7 +26,7 @@ Returns:
     next_token_accuracy (`float`): sum(n_correct) / sum(n_tokens), in [0, 1].
     n_tokens (`int`): sum(n_tokens).
 Examples:
-    >>> acc = retune.metrics.load_metric("next_token_accuracy")
+    >>> acc = retune.model.metrics.load_metric("next_token_accuracy")
     >>> acc.add_batch(n_correct=[1, 2], n_tokens=[2, 6])
     >>> acc.compute()["next_token_accuracy"]
     0.375

@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retune.config import ColumnsParams
-from retune.readers import FileStats, Plan, ReadFailure, b64, open_input, type_name
-from retune.tables import (
+from retune.data.readers import FileStats, Plan, ReadFailure, b64, open_input, type_name
+from retune.data.tables import (
     PARQUET_ERRORS,
     RowIssue,
     csv_records,
@@ -29,7 +29,7 @@ from retune.tables import (
 )
 
 if TYPE_CHECKING:
-    from retune.sink import Sink
+    from retune.data.sink import Sink
 
 _ARROW_CHUNK = 65_536
 

@@ -97,11 +97,11 @@ def near_duplicate_rows(n_originals: int, n_paraphrases: int, seed: int = 7) -> 
     import numpy as np
     import pyarrow as pa
 
-    from retune.config import HygieneParams
+    from retune.config import NearDuplicateParams
     from retune.data import dedup
     from tasks.sample import _CATEGORY_KEYS, _conversation, _slots, paraphrase
 
-    cfg = HygieneParams()
+    cfg = NearDuplicateParams()
     rng = random.Random(seed)
     originals = []
     for _ in range(n_originals):
@@ -110,7 +110,7 @@ def near_duplicate_rows(n_originals: int, n_paraphrases: int, seed: int = 7) -> 
     copies = [paraphrase(rng, originals[i]) for i in range(n_paraphrases)]
     texts = [_text(m) for m in originals] + [_text(m) for m in copies]
     with dedup.sketch_batches(
-        [pa.array(texts)], cfg.near_duplicate_threshold, cfg.num_perm, cfg.shingle_words
+        [pa.array(texts)], cfg.threshold, cfg.num_perm, cfg.shingle_words
     ) as sk:
         removed = {m.index: m for m in dedup.deduplicate(sk)}
     caught = [i for i in range(n_paraphrases) if n_originals + i in removed]
@@ -132,16 +132,16 @@ def near_duplicate_rows(n_originals: int, n_paraphrases: int, seed: int = 7) -> 
         a, b = shingles(i), shingles(j)
         return len(a & b) / len(a | b)
 
-    below = [i for i in flagged if exact(i, removed[i].of) < cfg.near_duplicate_threshold]
+    below = [i for i in flagged if exact(i, removed[i].of) < cfg.threshold]
     missed_j = [exact(n_originals + i, i) for i in range(n_paraphrases) if i not in caught]
     # Unrelated texts: random words, no shared template.
     words = [f"w{k}" for k in range(20_000)]
     unrelated = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(n_originals)]
     with dedup.sketch_batches(
-        [pa.array(unrelated)], cfg.near_duplicate_threshold, cfg.num_perm, cfg.shingle_words
+        [pa.array(unrelated)], cfg.threshold, cfg.num_perm, cfg.shingle_words
     ) as sk:
         unrelated_flagged = len(dedup.deduplicate(sk))
-    note = f"threshold {cfg.near_duplicate_threshold}, {cfg.shingle_words}-word shingles, "
+    note = f"threshold {cfg.threshold}, {cfg.shingle_words}-word shingles, "
     note += f"{cfg.num_perm} permutations"
     return [
         row(

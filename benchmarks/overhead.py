@@ -7,7 +7,7 @@ so the repository's data and runs are untouched. Writes benchmarks/results/overh
 
 Compute is `train`'s `runtime_s` (reports/train.json: the whole `retune.model.training.train` call)
 plus `evaluate`'s scoring time (reports/evaluate.json `score_s` when the stage reports it,
-else the whole evaluate stage) plus CV folds when `evaluate.folds` >= 2. Everything else is
+else the whole evaluate stage) plus CV folds when `cv.folds` >= 2. Everything else is
 overhead: interpreter start and imports, the Prefect temporary server, MLflow, ingest,
 validate, split, register, promote, file I/O.
 """

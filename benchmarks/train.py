@@ -58,8 +58,9 @@ CONFIGS: dict[str, list[str]] = {
         "train.eval_steps=3",
         "train.save_steps=3",
         "train.eval_max_examples=8",
-        "evaluate.max_examples=16",
-        "evaluate.batch_size=4",
+        "scoring.max_examples=16",
+        "scoring.batch_size=4",
+        "scoring.max_seq_len=64",
     ],
     # GPT-2 small's shape (12 x 768, 1024 positions); the vocabulary is the corpus tokenizer's.
     "gpt2-small": [
@@ -67,6 +68,7 @@ CONFIGS: dict[str, list[str]] = {
         "train.scratch.n_head=12",
         "train.scratch.n_embd=768",
         "train.max_seq_len=1024",
+        "scoring.max_seq_len=1024",
     ],
 }
 SMOKE_CONVERSATIONS = 400
@@ -343,9 +345,9 @@ def holdout_perplexity(
         model,
         tokenizer,
         holdout_file,
-        params.evaluate.max_examples,
-        params.evaluate.batch_size,
-        params.train.max_seq_len,
+        params.scoring.max_examples,
+        params.scoring.batch_size,
+        params.scoring.max_seq_len,
         log_prefix="bench",
     )
     return float(aggregate(scores)["perplexity"])
@@ -568,7 +570,7 @@ def result_rows(params: Params, setup: Setup, m: Measured) -> list[dict[str, Any
                 m.perplexity["retune"],
                 "perplexity",
                 target="<= baseline",
-                note=f"up to {params.evaluate.max_examples} holdout examples, scored as "
+                note=f"up to {params.scoring.max_examples} holdout examples, scored as "
                 f"`evaluate` scores them; both saw {tokens['retune']:,} / "
                 f"{tokens['baseline']:,} tokens",
             ),

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from retune.artifacts import DRIFT_REPORT, PIPELINE
 from retune.config import DEFAULT_PARAMS, ConfigError, Params, load_params, to_plain
 from retune.entry import DEBUG_ENV, debug_requested, error_message, skip_final_collection
 from retune.env import configure_environment
@@ -37,19 +38,11 @@ Overrides = Annotated[
 ]
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
 
-# Stage name -> what its command does (the stage module is tasks.<name>, its edge `run`).
+# Stage name -> what its command does (the stage module is tasks.<name>, its edge `run`):
+# `sample`, then the pipeline as retune.artifacts declares it.
 STAGE_HELP = {
     "sample": "Write the synthetic sample corpus into paths.incoming (only if it is empty).",
-    "ingest": "Read paths.incoming, normalise, quarantine bad rows, write the prepared snapshot.",
-    "hygiene": "Quarantine abusive text, drop near-duplicates, report what the data represents.",
-    "validate": "Check the clean data against the data contract (Great Expectations).",
-    "split": "Split clean records into train and holdout by conversation, with no leaks.",
-    "train": "Fine-tune the model on the train split; start the MLflow run.",
-    "cv": "Cross-validate (evaluate.folds folds): mean and spread of holdout metrics.",
-    "evaluate": "Score the model on the holdout against a unigram baseline.",
-    "register": "Log the model to MLflow and register a new version.",
-    "promote": "Gate the version register just added against production; move the alias.",
-}
+} | {stage.name: stage.summary for stage in PIPELINE}
 # The stage `promote` is entered as `retune gate`: `retune promote <version>` is a person's
 # promotion of any version, and one name cannot be both.
 STAGE_COMMANDS = {"promote": "gate"}
@@ -309,7 +302,7 @@ def drift(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> No
     event = "emitted" if summary["event_emitted"] else "not emitted"
     typer.echo(
         f"drift check: {summary['status']} (event {event}); "
-        f"{resolved.paths.reports / 'drift.json'}, MLflow run {summary['mlflow_run_id']}"
+        f"{DRIFT_REPORT.path(resolved)}, MLflow run {summary['mlflow_run_id']}"
     )
 
 

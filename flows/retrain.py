@@ -9,12 +9,15 @@ rejects stays registered (tagged with the reason) and production does not move.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from retune.artifacts import FLOW_REPORT, REGISTER_REPORT
 from retune.config import DEFAULT_PARAMS, Params, load_params
 from retune.data.datastate import (
     RUN_FINGERPRINT_TAG,
@@ -24,7 +27,6 @@ from retune.data.datastate import (
     run_fingerprint,
 )
 from retune.env import configure_environment
-from retune.reports import read_json, write_json
 from retune.runlock import project_folder, run_lock
 from tasks.cv import CvResult, cv_task, fold_task, summarize_task
 from tasks.evaluate import evaluate_task
@@ -54,9 +56,9 @@ def cross_validate(params: Params) -> CvResult:
     """The `cv` stage with its folds as independent tasks, so a task runner with spare cores
     or machines (e.g. a process pool) can run them side by side; `tasks.cv.run` (DVC) runs
     the same `fold` and `summarize` one after another."""
-    if params.evaluate.folds < 2:
+    if params.cv.folds < 2:
         return cv_task(params)
-    folds = [fold_task.submit(params, i) for i in range(params.evaluate.folds)]
+    folds = [fold_task.submit(params, i) for i in range(params.cv.folds)]
     return summarize_task(params, [f.result() for f in folds])
 
 
@@ -70,7 +72,7 @@ def _up_to_date(params: Params, fingerprint: str, finished: str | None) -> dict[
         "total_s": 0.0,
         "finished_interrupted": finished,
     }
-    write_json(params.paths.reports / "flow.json", summary)
+    FLOW_REPORT.write(params, summary)
     print(
         f"up to date: the last retrain used the same data in {params.paths.incoming}, the same "
         "model settings and the same code; nothing to retrain (`retune run --force` retrains "
@@ -83,12 +85,12 @@ def finish_interrupted(params: Params) -> str | None:
     """Gate the version an interrupted run registered but never judged (it crashed or was
     stopped between `register` and `promote`): the version `reports/register.json` names,
     if it is the newest one and has no gate decision. Returns what was done, or None."""
-    report = params.paths.reports / "register.json"
-    if not report.exists():
+    registered = REGISTER_REPORT.read_if_present(params)
+    if registered is None:
         return None
     from retune.release.registry import Registry
 
-    registered = read_json(report)
+    report = REGISTER_REPORT.path(params)
     registry = Registry.open(params.tracking, str(registered.get("model_name")))
     if not registry.exists():
         return None
@@ -125,7 +127,42 @@ def retrain(
     configure_environment()
     params = load_params(Path(params_file), overrides or [])
     with run_lock(project_folder(params_file), check_dvc=True):
-        return _retrain(params, force, export_feedback)
+        summary = _retrain(params, force, export_feedback)
+        if not summary.get("skipped"):
+            record_in_dvc_lock(Path(params_file), overrides or [])
+        return summary
+
+
+def record_in_dvc_lock(params_file: Path, overrides: list[str]) -> None:
+    """Record the run's inputs and outputs in dvc.lock as `dvc repro` would (`dvc commit`), so
+    `dvc repro` after a run has nothing to do and `dvc metrics diff` compares it. Only where
+    the run is what dvc.yaml describes: the project's params.yaml, no overrides."""
+    folder = project_folder(params_file)
+    if not (folder / "dvc.yaml").is_file() or not (folder / ".dvc").is_dir():
+        return
+    if params_file.resolve() != (folder / DEFAULT_PARAMS).resolve() or overrides:
+        print(
+            "dvc.lock not updated: this run used "
+            + (f"overrides {' '.join(overrides)}" if overrides else f"{params_file}")
+            + ", not what dvc.yaml describes (params.yaml as it is)"
+        )
+        return
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "commit", "--force", "--quiet"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        print(f"dvc.lock not updated: `dvc commit` failed ({detail[-1] if detail else '?'})")
+        return
+    print(
+        f"dvc.lock records this run ({time.perf_counter() - started:.1f}s): `dvc repro` has "
+        "nothing to do until an input, a setting or the code changes"
+    )
 
 
 def _retrain(params: Params, force: bool, export_feedback: bool) -> dict[str, Any]:
@@ -156,7 +193,7 @@ def _retrain(params: Params, force: bool, export_feedback: bool) -> dict[str, An
         "version": registered.version,
         "promotion": promoted.outcome,
     }
-    write_json(params.paths.reports / "flow.json", summary)
+    FLOW_REPORT.write(params, summary)
     breakdown = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
     print(
         f"retrain finished in {total:.1f}s ({breakdown}); registered {summary['model_uri']}, "

@@ -96,15 +96,21 @@ class IngestParams:
 
 
 @dataclass(config=_STRICT)
-class HygieneParams:
-    """Near-duplicates, unsafe text and representation (the `hygiene` stage); the same
-    near-duplicate settings drive `split`'s leakage check, and the representation ones the
-    expectations `validate` adds."""
+class NearDuplicateParams:
+    """Near-duplicate texts (MinHash over word shingles, then LSH), one definition for the two
+    stages that look for them: `hygiene` keeps one text of each group, `split` keeps a holdout
+    text out of the holdout when train has a near-duplicate of it."""
 
-    # Word n-gram shingles, Jaccard threshold of MinHash/LSH near-duplicate detection.
-    near_duplicate_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    # Jaccard estimate at or above which two texts are near-duplicates.
+    threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
     num_perm: Annotated[int, Field(ge=16)] = 128
     shingle_words: Annotated[int, Field(ge=1)] = 3
+
+
+@dataclass(config=_STRICT)
+class HygieneParams:
+    """Unsafe text (the `hygiene` stage); its near-duplicates are `near_duplicates`."""
+
     # A conversation whose most offensive sentence scores at least this (alt-profanity-check's
     # probability) is quarantined. Angry but civil customers score up to ~0.905 ("I hate this
     # thermostat", "This is ridiculous, I want a refund": 0.895); insults mostly 0.93-1.0.
@@ -132,12 +138,18 @@ class HygieneParams:
         "go to hell",
         "kill yourself",
     )
-    # The meta field (JSON key) holding a record's category or label, for the representation.
+
+
+@dataclass(config=_STRICT)
+class RepresentationParams:
+    """What the data is made of: `hygiene` reports it (and charts it), `validate` expects it."""
+
+    # The meta field (JSON key) holding a record's category or label.
     category_field: str = "category"
-    # validate: no category may hold less than this share of the records that have one (0: off).
+    # No category may hold less than this share of the records that have one (0: off).
     min_category_share: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.02
-    # validate: at least `min_language_share` of the sampled records must be in one of
-    # `languages` (ISO 639-1, as py3langid names them); an empty list turns the check off.
+    # At least `min_language_share` of the sampled records must be in one of `languages`
+    # (ISO 639-1, as py3langid names them); an empty list turns the check off.
     languages: tuple[str, ...] = ("en",)
     min_language_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
     # Records whose language is detected (the smallest ids: a sample fixed by content).
@@ -195,9 +207,24 @@ class TrainParams:
 
 
 @dataclass(config=_STRICT)
-class EvaluateParams:
+class ScoringParams:
+    """How a model is scored on holdout examples, the same way wherever it is: `evaluate`, each
+    `cv` fold, `promote` (the champion rescored on the candidate's holdout) and `drift`."""
+
     batch_size: Annotated[int, Field(ge=1)] = 8
     max_examples: Annotated[int, Field(ge=1)] = 1_000
+    # Tokens of one scored example; longer conversations are cut (capped by the model's window).
+    max_seq_len: Annotated[int, Field(ge=8)] = 256
+
+
+@dataclass(config=_STRICT)
+class CvParams:
+    # k >= 2 trains k fold models grouped by conversation (k extra trainings); 0 or 1 is off.
+    folds: Annotated[int, Field(ge=0)] = 0
+
+
+@dataclass(config=_STRICT)
+class EvaluateParams:
     # Rows of reports/generations.csv shown as the MLflow table (the CSV holds them all).
     prompts: Annotated[int, Field(ge=0)] = 8
     max_new_tokens: Annotated[int, Field(ge=1)] = 48
@@ -216,8 +243,6 @@ class EvaluateParams:
         "hate you",
         "screw you",
     )
-    # Cross-validation: k >= 2 trains k fold models grouped by conversation; 0 or 1 is off.
-    folds: Annotated[int, Field(ge=0)] = 0
 
 
 @dataclass(config=_STRICT)
@@ -307,10 +332,14 @@ class Params:
     tracking: TrackingParams = field(default_factory=TrackingParams)
     sample: SampleParams = field(default_factory=SampleParams)
     ingest: IngestParams = field(default_factory=IngestParams)
+    near_duplicates: NearDuplicateParams = field(default_factory=NearDuplicateParams)
     hygiene: HygieneParams = field(default_factory=HygieneParams)
+    representation: RepresentationParams = field(default_factory=RepresentationParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     split: SplitParams = field(default_factory=SplitParams)
     train: TrainParams = field(default_factory=TrainParams)
+    scoring: ScoringParams = field(default_factory=ScoringParams)
+    cv: CvParams = field(default_factory=CvParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
@@ -359,8 +388,37 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+# Keys that moved to the section of the stage, or the shared section, that reads them.
+MOVED = {
+    "hygiene.near_duplicate_threshold": "near_duplicates.threshold",
+    "hygiene.num_perm": "near_duplicates.num_perm",
+    "hygiene.shingle_words": "near_duplicates.shingle_words",
+    "hygiene.category_field": "representation.category_field",
+    "hygiene.min_category_share": "representation.min_category_share",
+    "hygiene.languages": "representation.languages",
+    "hygiene.min_language_share": "representation.min_language_share",
+    "hygiene.language_sample": "representation.language_sample",
+    "evaluate.folds": "cv.folds",
+    "evaluate.batch_size": "scoring.batch_size",
+    "evaluate.max_examples": "scoring.max_examples",
+}
+
+
+def _moved_keys(raw: dict[str, Any]) -> list[str]:
+    """One line per key of `raw` that has moved, naming where it went."""
+    lines = []
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            lines.append(f"  {old}: moved to {new} (rename it there, same value)")
+    return lines
+
+
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
     """Validate a raw mapping into `Params`; errors name every bad dotted key and the fix."""
+    moved = _moved_keys(raw)
+    if moved:
+        raise ConfigError(f"{source} uses keys that have moved:\n" + "\n".join(moved))
     try:
         return Params(**raw)
     except ValidationError as exc:

@@ -23,12 +23,15 @@ class MissingInputError(RetuneError, FileNotFoundError):
     """A stage's input is not there: the stage that writes it has not run (the message says
     which). Also a FileNotFoundError, for callers that treat a missing file as "none yet"."""
 
-    def __init__(self, path: object, written_by: str | None = None) -> None:
+    def __init__(
+        self, path: object, written_by: str | None = None, setting: str | None = None
+    ) -> None:
         command = {"promote": "gate"}.get(written_by or "", written_by)
         stage = f"the `{written_by}` stage (`retune {command}`)" if written_by else "the stage"
+        where = f" ({setting})" if setting else ""
         self.message = (
-            f"{path} is missing: run {stage} that writes it first, or `retune run` for the "
-            "whole pipeline in order"
+            f"{path}{where} is missing: run {stage} that writes it first, or `retune run` for "
+            "the whole pipeline in order"
         )
         super().__init__(self.message)
         self.filename = str(path)

@@ -22,13 +22,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retune.config import EvaluateParams, Params, TrainParams
+from retune.artifacts import (
+    CV_CHART,
+    CV_REPORT,
+    TRAIN_FILE,
+    TRAIN_REPORT,
+    TRAIN_SPLIT,
+    pipeline_run_id,
+)
+from retune.config import Params, ScoringParams, TrainParams
 from retune.data.records import read_records
 from retune.entry import stage_main, stage_task
-from retune.errors import RetuneError
+from retune.errors import MissingInputError, RetuneError
 from retune.masking import safe_params
 from retune.model.training import available_cores, train
-from retune.reports import read_json, write_json
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -38,7 +45,6 @@ R = TypeVar("R")
 # Fold models, checkpoints and data live here under paths.checkpoints: apart from the main
 # model and its checkpoints, and kept so an interrupted or repeated CV resumes (train.resume).
 CV_DIR = "cv"
-CHART_FILE = "cv_folds.png"
 # transformers 5 builds and loads models by patching torch's init functions and its own
 # `tie_weights` process-wide for the duration (transformers.initialization), and seeds are
 # process-wide too: two folds training in one process (threads) corrupt each other's models.
@@ -52,7 +58,7 @@ class FoldResult:
     k: int
     n_train: int  # records the fold model trained on
     n_validation: int  # records held out in this fold
-    perplexity: float  # on up to evaluate.max_examples validation records
+    perplexity: float  # on up to scoring.max_examples validation records
     next_token_accuracy: float
     mean_nll: float
     n_examples: int
@@ -68,7 +74,7 @@ class FoldResult:
 
 @dataclass(frozen=True)
 class CvResult:
-    k: int  # 0 when cross-validation is off (evaluate.folds < 2)
+    k: int  # 0 when cross-validation is off (cv.folds < 2)
     folds: tuple[FoldResult, ...]
     perplexity_mean: float | None
     perplexity_std: float | None  # sample standard deviation over folds (ddof=1)
@@ -99,7 +105,7 @@ def fold_split(records: pa.Table, k: int, index: int) -> tuple[pa.Table, pa.Tabl
 
 def train_fold(
     train_cfg: TrainParams,
-    eval_cfg: EvaluateParams,
+    scoring: ScoringParams,
     seed: int,
     train_file: Path,
     k: int,
@@ -108,18 +114,18 @@ def train_fold(
     num_threads: int | None = None,
 ) -> FoldResult:
     """Train a model on the records of `train_file` outside fold `index` of `k`; score it on
-    up to `eval_cfg.max_examples` records of that fold.
+    up to `scoring.max_examples` records of that fold.
 
     Writes the fold's train/validation Parquet, checkpoints and model under `work_dir` only.
     Folds in one process run one at a time (see `_FOLD_LOCK`).
     """
     if not 0 <= index < k:
-        raise RetuneError(f"fold {index} does not exist with evaluate.folds={k}")
+        raise RetuneError(f"fold {index} does not exist with cv.folds={k}")
     if not train_file.exists():
-        raise RetuneError(f"{train_file}: missing; run the split stage first (`retune split`)")
+        raise MissingInputError(train_file, TRAIN_SPLIT.written_by)
     name = f"cv fold {index + 1}/{k}"
     with _one_fold_at_a_time(name):
-        return _train_fold(train_cfg, eval_cfg, seed, train_file, k, index, work_dir, num_threads)
+        return _train_fold(train_cfg, scoring, seed, train_file, k, index, work_dir, num_threads)
 
 
 @contextmanager
@@ -139,7 +145,7 @@ def _one_fold_at_a_time(name: str) -> Iterator[None]:
 
 def _train_fold(
     train_cfg: TrainParams,
-    eval_cfg: EvaluateParams,
+    scoring: ScoringParams,
     seed: int,
     train_file: Path,
     k: int,
@@ -155,12 +161,12 @@ def _train_fold(
     fold_train, fold_val = fold_split(read_records(train_file), k, index)
     if fold_train.num_rows == 0 or fold_val.num_rows == 0:
         raise RetuneError(
-            f"evaluate.folds={k}: fold {index} leaves {fold_train.num_rows} train and "
-            f"{fold_val.num_rows} validation records of {train_file}; lower evaluate.folds "
+            f"cv.folds={k}: fold {index} leaves {fold_train.num_rows} train and "
+            f"{fold_val.num_rows} validation records of {train_file}; lower cv.folds "
             "or add data"
         )
     work_dir.mkdir(parents=True, exist_ok=True)
-    fold_train_file, fold_val_file = work_dir / "train.parquet", work_dir / "validation.parquet"
+    fold_train_file, fold_val_file = work_dir / TRAIN_FILE, work_dir / "validation.parquet"
     pq.write_table(fold_train, fold_train_file)
     pq.write_table(fold_val, fold_val_file)
     print(
@@ -181,9 +187,9 @@ def _train_fold(
         model,
         tokenizer,
         fold_val_file,
-        eval_cfg.max_examples,
-        eval_cfg.batch_size,
-        train_cfg.max_seq_len,
+        scoring.max_examples,
+        scoring.batch_size,
+        scoring.max_seq_len,
         log_prefix=name,
     )
     metrics = aggregate(scores)
@@ -223,18 +229,11 @@ def _mlflow_client(params: Params) -> MlflowClient:
     return MlflowClient()
 
 
-def pipeline_run_id(params: Params) -> str | None:
-    """The pipeline's MLflow run (started by `train`, id in reports/train.json), if any."""
-    report = params.paths.reports / "train.json"
-    run_id = read_json(report).get("run_id") if report.exists() else None
-    return str(run_id) if run_id else None
-
-
 def _parent(params: Params, parent_run_id: str | None) -> str:
     parent = parent_run_id or pipeline_run_id(params)
     if parent is None:
         raise RetuneError(
-            f"{params.paths.reports / 'train.json'} names no MLflow run to hang the folds on; "
+            f"{TRAIN_REPORT.path(params)} names no MLflow run to hang the folds on; "
             "run the train stage first (or `python -m tasks.cv`, which starts its own run)"
         )
     return parent
@@ -243,7 +242,7 @@ def _parent(params: Params, parent_run_id: str | None) -> str:
 def fold(
     params: Params, k_index: int, parent_run_id: str | None = None, concurrent: int = 1
 ) -> FoldResult:
-    """Edge for one fold: train and score fold `k_index` of `evaluate.folds`, recorded as an
+    """Edge for one fold: train and score fold `k_index` of `cv.folds`, recorded as an
     MLflow child run of `parent_run_id` (default: the run in reports/train.json).
 
     `concurrent` is how many folds run at the same time on this machine (in separate
@@ -254,9 +253,9 @@ def fold(
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-    k = params.evaluate.folds
+    k = params.cv.folds
     if k < 2:
-        raise RetuneError(f"evaluate.folds={k}: cross-validation is off (set it to 2 or more)")
+        raise RetuneError(f"cv.folds={k}: cross-validation is off (set it to 2 or more)")
     parent = _parent(params, parent_run_id)
     client = _mlflow_client(params)
     experiment_id = client.get_run(parent).info.experiment_id
@@ -279,9 +278,9 @@ def fold(
         }
         result = train_fold(
             params.train,
-            params.evaluate,
+            params.scoring,
             params.seed,
-            params.paths.split / "train.parquet",
+            TRAIN_SPLIT.path(params),
             k,
             k_index,
             fold_dir(params, k_index),
@@ -324,28 +323,27 @@ def summarize(
     """Edge for the summary: mean and std over `results` into reports/cv.json (and
     reports/cv_folds.png); on the parent run (default: reports/train.json's), the summary
     metrics, `cv_fold_*` metrics by fold (step = fold) and the chart. With no results
-    (evaluate.folds < 2) it writes a report saying cross-validation is off, and logs nothing.
+    (cv.folds < 2) it writes a report saying cross-validation is off, and logs nothing.
     """
-    reports = params.paths.reports
-    report_file = reports / "cv.json"
-    k = params.evaluate.folds
+    report_file = CV_REPORT.path(params)
+    k = params.cv.folds
     if k < 2:
-        write_json(
-            report_file,
+        CV_REPORT.write(
+            params,
             {
                 "enabled": False,
                 "k": 0,
                 "folds": [],
-                "reason": f"evaluate.folds={k}: cross-validation is off (2 or more turns it on)",
+                "reason": f"cv.folds={k}: cross-validation is off (2 or more turns it on)",
             },
         )
-        print(f"cv: off (evaluate.folds={k})", flush=True)
+        print(f"cv: off (cv.folds={k})", flush=True)
         return CvResult(0, (), None, None, None, None, 0.0, 0.0, None, report_file, None)
     ordered = tuple(sorted(results, key=lambda r: r.fold))
     if [r.fold for r in ordered] != list(range(k)):
         raise RetuneError(
             f"cv: got folds {[r.fold for r in ordered]}, expected 0..{k - 1} "
-            f"(evaluate.folds={k}); re-run the cv stage"
+            f"(cv.folds={k}); re-run the cv stage"
         )
     perplexities = [r.perplexity for r in ordered]
     accuracies = [r.next_token_accuracy for r in ordered]
@@ -360,9 +358,9 @@ def summarize(
         wall_s=round(max(r.finished_at for r in ordered) - min(r.started_at for r in ordered), 2),
         parent_run_id=_parent(params, parent_run_id),
         report_file=report_file,
-        chart_file=reports / CHART_FILE,
+        chart_file=CV_CHART.path(params),
     )
-    write_json(report_file, _report(result))
+    CV_REPORT.write(params, _report(result))
     assert result.chart_file is not None
     _chart(result, result.chart_file)
     _log_summary(params, result)
@@ -483,7 +481,7 @@ def parent_run(params: Params) -> str:
 
 def run(params: Params) -> CvResult:
     """Edge: the k folds one after another (for DVC), then `summarize`, under `parent_run`."""
-    k = params.evaluate.folds
+    k = params.cv.folds
     if k < 2:
         return summarize(params, [])
     parent = parent_run(params)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retune.artifacts import DRIFT_CHART, DRIFT_REPORT, HOLDOUT_SPLIT
 from retune.config import DriftParams, Params, TrackingParams
 from retune.entry import stage_main, stage_task
 from retune.online.drift import (
@@ -37,7 +38,6 @@ from retune.online.drift import (
     split_window,
     waiting_for,
 )
-from retune.reports import write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -395,7 +395,7 @@ def run(params: Params) -> DriftResult:
     quality, negative = check_quality(cfg, feedback, version)
 
     prompts = [p for p in interactions["prompt"] if isinstance(p, str) and p.strip()]
-    holdout_file = params.paths.split / "holdout.parquet"
+    holdout_file = HOLDOUT_SPLIT.path(params)
     window = reference = PromptFigures.empty()
     if version is None:
         inputs = inputs_not_checked(len(prompts), "no production version to score prompts with")
@@ -410,7 +410,7 @@ def run(params: Params) -> DriftResult:
         )
     else:
         model, tokenizer = load_version(name, version, log_prefix="drift")
-        batch, seq = params.evaluate.batch_size, params.train.max_seq_len
+        batch, seq = params.scoring.batch_size, params.scoring.max_seq_len
         print(f"drift: scoring {len(prompts)} window prompts under v{version}", flush=True)
         window = prompt_figures(model, tokenizer, prompts, batch, seq)
         turns = holdout_user_turns(holdout_file, cfg.reference_prompts)
@@ -435,19 +435,18 @@ def run(params: Params) -> DriftResult:
         evidence=evidence,
         acted_on=acted,
     )
-    reports = params.paths.reports
     run_name = f"drift {name}@production v{version or '-'}: {result.status}"
     if result.acted_on is not None:
         run_name += " (already acted on)"
     with mlflow.start_run(experiment_id=experiment, run_name=run_name) as active:
         result = dataclasses.replace(
             result,
-            report_file=reports / "drift.json",
-            plot_file=reports / "drift.png",
+            report_file=DRIFT_REPORT.path(params),
+            plot_file=DRIFT_CHART.path(params),
             run_id=active.info.run_id,
         )
         assert result.report_file is not None and result.plot_file is not None
-        write_json(result.report_file, result.summary())
+        DRIFT_REPORT.write(params, result.summary())
         plot(result.plot_file, result, negative, window, reference, max(cfg.min_ratings, 1))
         mlflow.log_params(
             {

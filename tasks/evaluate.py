@@ -16,9 +16,19 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from retune.config import EvaluateParams, Params, TrackingParams
+from retune.artifacts import (
+    EVALUATE_REPORT,
+    GENERATIONS,
+    HOLDOUT_SCORES,
+    HOLDOUT_SPLIT,
+    MODEL,
+    TRAIN_REPORT,
+    TRAIN_SPLIT,
+    pipeline_run_id,
+)
+from retune.config import EvaluateParams, Params, ScoringParams, TrackingParams
 from retune.entry import stage_main, stage_task
-from retune.errors import RetuneError
+from retune.errors import MissingInputError, RetuneError
 from retune.model.scoring import (
     aggregate,
     encode,
@@ -27,7 +37,6 @@ from retune.model.scoring import (
     score_replies,
     select_holdout,
 )
-from retune.reports import read_json, write_json
 
 _TRAIN_CHUNK = 512  # train conversations tokenised at once when counting the baseline
 
@@ -111,11 +120,11 @@ def score(
     holdout_file: Path,
     train_file: Path,
     cfg: EvaluateParams,
-    max_seq_len: int,
+    scoring: ScoringParams,
     scores_file: Path,
     generations_file: Path,
 ) -> EvaluateResult:
-    """Score the model in `model_dir` on up to `cfg.max_examples` holdout records.
+    """Score the model in `model_dir` on up to `scoring.max_examples` holdout records.
 
     Reads the model, the holdout and (for the unigram baseline) the train split; writes
     per-example scores to `scores_file` (Parquet, `retune.model.scoring.SCORES_SCHEMA`) and greedy
@@ -127,10 +136,11 @@ def score(
     from retune.model.modeling import load_pretrained
 
     if not model_dir.is_dir():
-        raise RetuneError(f"{model_dir}: no model here (paths.model); run the train stage first")
+        raise MissingInputError(model_dir, MODEL.written_by, f"paths.{MODEL.folder}")
     for split_file in (holdout_file, train_file):
         if not split_file.exists():
-            raise RetuneError(f"{split_file}: missing (paths.split); run the split stage first")
+            raise MissingInputError(split_file, TRAIN_SPLIT.written_by)
+    max_seq_len = scoring.max_seq_len
     model, tokenizer = load_pretrained(model_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     max_len = max_positions(model, max_seq_len)
@@ -140,8 +150,8 @@ def score(
         model,
         tokenizer,
         holdout_file,
-        cfg.max_examples,
-        cfg.batch_size,
+        scoring.max_examples,
+        scoring.batch_size,
         max_seq_len,
         log_prefix="evaluate",
     )
@@ -150,7 +160,7 @@ def score(
     figures = aggregate(scores)
 
     print("evaluate: counting the unigram baseline over the train split", flush=True)
-    selected = select_holdout(holdout_file, cfg.max_examples).column("messages").to_pylist()
+    selected = select_holdout(holdout_file, scoring.max_examples).column("messages").to_pylist()
     eval_counts = unigram_counts(encode(tokenizer, selected, max_len), len(tokenizer))
     baseline = unigram_perplexity(_train_counts(train_file, tokenizer, max_len), eval_counts)
 
@@ -192,14 +202,6 @@ def score(
     )
 
 
-def _pipeline_run_id(train_report: Path) -> str | None:
-    """The MLflow run `train` started, if the model came through the pipeline."""
-    if not train_report.exists():
-        return None
-    run_id = read_json(train_report).get("run_id")
-    return str(run_id) if run_id else None
-
-
 def log_to_mlflow(
     cfg: TrackingParams, run_id: str | None, result: EvaluateResult, table_rows: int
 ) -> str:
@@ -230,7 +232,7 @@ def log_to_mlflow(
         if run_id is None:
             raise
         raise RetuneError(
-            f"reports/train.json names MLflow run {run_id}, which tracking.uri={cfg.uri} "
+            f"{TRAIN_REPORT.file} names MLflow run {run_id}, which tracking.uri={cfg.uri} "
             f"cannot reopen ({exc.message}); re-run the train stage"
         ) from exc
 
@@ -238,26 +240,23 @@ def log_to_mlflow(
 def run(params: Params) -> EvaluateResult:
     """Edge: score paths.model on the split, log to the pipeline's MLflow run, write
     reports/evaluate.json, reports/holdout_scores.parquet and reports/generations.csv."""
-    reports = params.paths.reports
     started = time.perf_counter()
     result = score(
-        model_dir=params.paths.model,
-        holdout_file=params.paths.split / "holdout.parquet",
-        train_file=params.paths.split / "train.parquet",
+        model_dir=MODEL.path(params),
+        holdout_file=HOLDOUT_SPLIT.path(params),
+        train_file=TRAIN_SPLIT.path(params),
         cfg=params.evaluate,
-        max_seq_len=params.train.max_seq_len,
-        scores_file=reports / "holdout_scores.parquet",
-        generations_file=reports / "generations.csv",
+        scoring=params.scoring,
+        scores_file=HOLDOUT_SCORES.path(params),
+        generations_file=GENERATIONS.path(params),
     )
     # Compute alone (loading, scoring, generating), apart from MLflow logging: what the
     # overhead benchmark subtracts from the flow's wall time.
     score_s = round(time.perf_counter() - started, 2)
     run_id = log_to_mlflow(
-        params.tracking, _pipeline_run_id(reports / "train.json"), result, params.evaluate.prompts
+        params.tracking, pipeline_run_id(params), result, params.evaluate.prompts
     )
-    write_json(
-        reports / "evaluate.json", {**result.metrics(), "run_id": run_id, "score_s": score_s}
-    )
+    EVALUATE_REPORT.write(params, {**result.metrics(), "run_id": run_id, "score_s": score_s})
     print(
         f"evaluate: perplexity {result.perplexity:.2f} (unigram baseline "
         f"{result.baseline_perplexity:.2f}, ratio {result.perplexity_vs_baseline:.3f}), "

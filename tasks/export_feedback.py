@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retune.artifacts import EXPORT_FEEDBACK_REPORT, INCOMING, PREPARED_RECORDS
 from retune.config import Params
 from retune.data.pii import redact
 from retune.data.records import ROLE_ORDER_REGEX, record_id
 from retune.data.text import normalize_text
 from retune.entry import stage_main, stage_task
-from retune.reports import write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -252,15 +252,15 @@ def run(params: Params) -> ExportResult:
         store.close()
     result = export(
         feedback,
-        params.paths.incoming,
-        prepared_ids(params.paths.prepared / "records.parquet"),
+        INCOMING.path(params),
+        prepared_ids(PREPARED_RECORDS.path(params)),
         tuple(dict.fromkeys(params.ingest.redact)),
         params.ingest.max_message_chars,
     )
     if result.file is not None:
         dvc, step = dvc_add(params.paths.incoming)
         result = dataclasses.replace(result, dvc=dvc, next_step=step)
-    write_json(params.paths.reports / "export_feedback.json", result.report())
+    EXPORT_FEEDBACK_REPORT.write(params, result.report())
     print(
         f"export_feedback: {result.exported} exchanges exported ({result.corrected} corrected, "
         f"{result.rated} rated up) -> {result.file or 'no file (nothing new)'}; "

@@ -7,7 +7,6 @@ Every prepared record is either in `paths.clean`/records.parquet or in its chang
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -21,7 +20,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retune.config import HygieneParams, Params
+from retune.artifacts import (
+    CLEAN,
+    HYGIENE_CHART,
+    HYGIENE_REPORT,
+    MANIFEST_FILE,
+    PREPARED,
+    RECORDS_FILE,
+    manifest_version,
+)
+from retune.config import HygieneParams, NearDuplicateParams, Params, RepresentationParams
 from retune.data import dedup, representation
 from retune.data.lineage import CHANGES_FILE, change, data_version, write_changes
 from retune.data.records import SCHEMA
@@ -34,7 +42,7 @@ from retune.reports import write_json
 REASONS: dict[str, str] = {
     "unsafe": "abusive or toxic: a sentence the classifier scores at or above "
     "hygiene.safety_threshold, or a hygiene.blocklist term",
-    "near_duplicate": "a near-duplicate (MinHash Jaccard >= hygiene.near_duplicate_threshold) of "
+    "near_duplicate": "a near-duplicate (MinHash Jaccard >= near_duplicates.threshold) of "
     "a record kept earlier in source/line order (`kept_id`, `kept_source`, `kept_line`)",
 }
 _BATCH_ROWS = 8_192
@@ -58,7 +66,9 @@ def _batches(path: Path, columns: list[str]) -> Any:
     return pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns)
 
 
-def _screen(path: Path, cfg: HygieneParams) -> tuple[dict[int, Flag], int, pa.ChunkedArray]:
+def _screen(
+    path: Path, cfg: HygieneParams, category_field: str
+) -> tuple[dict[int, Flag], int, pa.ChunkedArray]:
     """One pass over messages and meta: row -> flag for every unsafe record, how many distinct
     sentences were scored, and every record's category."""
     screen = Screen(cfg.safety_threshold, cfg.blocklist)
@@ -69,7 +79,7 @@ def _screen(path: Path, cfg: HygieneParams) -> tuple[dict[int, Flag], int, pa.Ch
         _, found = screen.screen(batch.column(0))
         for f in found:
             flags[offset + f.index] = f
-        categories.append(representation.category_values(batch.column(1), cfg.category_field))
+        categories.append(representation.category_values(batch.column(1), category_field))
         offset += batch.num_rows
     return flags, screen.sentences_scored, pa.chunked_array(categories, type=pa.string())
 
@@ -141,19 +151,27 @@ def _peak_rss_mb() -> float:
 
 
 def hygiene(
-    prepared_dir: Path, cfg: HygieneParams, clean_dir: Path, chart_file: Path | None = None
+    prepared_dir: Path,
+    cfg: HygieneParams,
+    clean_dir: Path,
+    chart_file: Path | None = None,
+    near: NearDuplicateParams | None = None,
+    described: RepresentationParams | None = None,
 ) -> HygieneResult:
     """Read `prepared_dir`/records.parquet; write `clean_dir`/records.parquet (the records kept),
     manifest.json and changes.jsonl (one line per record removed, with the reason and where it
-    came from); draw the representation chart to `chart_file` if given."""
+    came from); draw the representation chart to `chart_file` if given. `near` and `described`
+    default to the `near_duplicates` and `representation` defaults."""
+    near = near or NearDuplicateParams()
+    described = described or RepresentationParams()
     started = time.perf_counter()
-    prepared = prepared_dir / "records.parquet"
+    prepared = prepared_dir / RECORDS_FILE
     if not prepared.exists():
         raise MissingInputError(prepared, "ingest")
     index = pq.read_table(prepared, columns=_INDEX_COLUMNS)
     n = index.num_rows
     print(f"hygiene: screening {n:,} records for abusive text", flush=True)
-    flags, sentences, categories = _screen(prepared, cfg)
+    flags, sentences, categories = _screen(prepared, cfg, described.category_field)
     unsafe = np.zeros(n, dtype=bool)
     unsafe[list(flags)] = True
     t_safety = time.perf_counter() - started
@@ -162,9 +180,9 @@ def hygiene(
     order = pc.sort_indices(index, [("source", "ascending"), ("line", "ascending")]).to_numpy()
     with dedup.sketch_batches(
         (b.column(0) for b in _batches(prepared, ["text"])),
-        cfg.near_duplicate_threshold,
-        cfg.num_perm,
-        cfg.shingle_words,
+        near.threshold,
+        near.num_perm,
+        near.shingle_words,
     ) as sk:
         t_sketch = time.perf_counter() - started - t_safety
         matches = dedup.deduplicate(sk, order[~unsafe[order]])
@@ -177,7 +195,7 @@ def hygiene(
     keep = ~unsafe & ~duplicate
 
     clean_dir.mkdir(parents=True, exist_ok=True)
-    records_file = clean_dir / "records.parquet"
+    records_file = clean_dir / RECORDS_FILE
     n_kept = _write_clean(prepared, keep, records_file)
 
     rows = _rows(index, set(flags) | {m.index for m in matches} | {m.of for m in matches})
@@ -197,7 +215,7 @@ def hygiene(
         )
     kept_ids = index.column("id").filter(pa.array(keep))
     version = data_version(kept_ids.to_pylist())
-    manifest_file = clean_dir / "manifest.json"
+    manifest_file = clean_dir / MANIFEST_FILE
     write_json(
         manifest_file,
         {
@@ -205,7 +223,7 @@ def hygiene(
             "n_records": n_kept,
             "input_records": n,
             "removed": removed,
-            "prepared_data_version": _prepared_version(prepared_dir),
+            "prepared_data_version": manifest_version(prepared_dir / MANIFEST_FILE),
         },
     )
 
@@ -217,8 +235,8 @@ def hygiene(
         index.column("n_messages").to_numpy()[keep],
         categories.filter(pa.array(keep)),
         lambda rows: _texts_of(prepared, kept_rows[rows]),
-        cfg.category_field,
-        cfg.language_sample,
+        described.category_field,
+        described.language_sample,
     )
     if chart_file is not None:
         representation.chart(rep, chars, chart_file)
@@ -235,9 +253,9 @@ def hygiene(
         "changes_logged": n_logged,
         "reasons": REASONS,
         "near_duplicates": {
-            "threshold": cfg.near_duplicate_threshold,
-            "num_perm": cfg.num_perm,
-            "shingle_words": cfg.shingle_words,
+            "threshold": near.threshold,
+            "num_perm": near.num_perm,
+            "shingle_words": near.shingle_words,
             "lsh_bands": lsh_bands,
             "lsh_rows": lsh_rows,
             "candidate_pairs": pairs["candidate_pairs"],
@@ -309,25 +327,18 @@ def _by_source(sources: pa.ChunkedArray, unsafe: np.ndarray, duplicate: np.ndarr
     return dict(sorted(out.items()))
 
 
-def _prepared_version(prepared_dir: Path) -> str | None:
-    manifest = prepared_dir / "manifest.json"
-    if not manifest.exists():
-        return None
-    value = json.loads(manifest.read_text(encoding="utf-8")).get("data_version")
-    return None if value is None else str(value)
-
-
 def run(params: Params) -> HygieneResult:
     """Edge: clean `paths.prepared` into `paths.clean`; write reports/hygiene.json and the
     representation chart reports/hygiene.png."""
-    reports = params.paths.reports
     result = hygiene(
-        params.paths.prepared,
+        PREPARED.path(params),
         params.hygiene,
-        params.paths.clean,
-        chart_file=reports / "hygiene.png",
+        CLEAN.path(params),
+        chart_file=HYGIENE_CHART.path(params),
+        near=params.near_duplicates,
+        described=params.representation,
     )
-    write_json(reports / "hygiene.json", result.report)
+    HYGIENE_REPORT.write(params, result.report)
     return result
 
 

@@ -17,6 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retune.artifacts import (
+    INCOMING,
+    INGEST_REPORT,
+    MANIFEST_FILE,
+    PREPARED,
+    QUARANTINE,
+    QUARANTINE_FILE,
+    RECORDS_FILE,
+)
 from retune.config import ColumnsParams, IngestParams, Params
 from retune.data.lineage import data_version, stored_name, text_name
 from retune.data.long_tables import read_long
@@ -248,11 +257,11 @@ def ingest(
         print(f"ingest: warning: skipping {s['file']} ({why})", flush=True)
     prepared_dir.mkdir(parents=True, exist_ok=True)
     quarantine_dir.mkdir(parents=True, exist_ok=True)
-    records_file = prepared_dir / "records.parquet"
-    quarantine_file = quarantine_dir / "quarantine.jsonl"
-    manifest_file = prepared_dir / "manifest.json"
-    records_tmp = prepared_dir / "records.parquet.tmp"
-    quarantine_tmp = quarantine_dir / "quarantine.jsonl.tmp"
+    records_file = prepared_dir / RECORDS_FILE
+    quarantine_file = quarantine_dir / QUARANTINE_FILE
+    manifest_file = prepared_dir / MANIFEST_FILE
+    records_tmp = prepared_dir / f"{RECORDS_FILE}.tmp"
+    quarantine_tmp = quarantine_dir / f"{QUARANTINE_FILE}.tmp"
     stats: list[FileStats] = []
     try:
         with quarantine_tmp.open("w", encoding="utf-8") as qfh:
@@ -340,9 +349,14 @@ def run(params: Params) -> IngestResult:
     """Edge: ingest `paths.incoming` into `paths.prepared`/`paths.quarantine`; write
     reports/ingest.json."""
     contract = (params.validate.min_chars, params.validate.max_chars)
-    paths = params.paths
-    result = ingest(paths.incoming, params.ingest, paths.prepared, paths.quarantine, contract)
-    write_json(params.paths.reports / "ingest.json", result.report)
+    result = ingest(
+        INCOMING.path(params),
+        params.ingest,
+        PREPARED.path(params),
+        QUARANTINE.path(params),
+        contract,
+    )
+    INGEST_REPORT.write(params, result.report)
     return result
 
 

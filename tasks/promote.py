@@ -12,32 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retune.config import Params, PromoteParams
+from retune.artifacts import (
+    EVALUATE_REPORT,
+    HOLDOUT_SCORES,
+    HOLDOUT_SPLIT,
+    PROMOTE_REPORT,
+    REGISTER_REPORT,
+    TRAIN_REPORT,
+    pipeline_run_id,
+)
+from retune.config import Params, PromoteParams, ScoringParams
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.release.gate import Comparison, Decision, GateError, compare, decide, diverged
 from retune.release.registry import GATE_ACTOR, Registry, RegistryError, load_version
-from retune.reports import read_json, write_json
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-
-@dataclass(frozen=True)
-class ScoringSettings:
-    """How both models are scored; the same for candidate and champion, or they differ."""
-
-    max_examples: int
-    batch_size: int
-    max_seq_len: int
-
-    @classmethod
-    def of(cls, params: Params) -> ScoringSettings:
-        return cls(
-            max_examples=params.evaluate.max_examples,
-            batch_size=params.evaluate.batch_size,
-            max_seq_len=params.train.max_seq_len,
-        )
 
 
 @dataclass(frozen=True)
@@ -69,7 +60,7 @@ class PromoteResult:
 
 
 def score_registered(
-    model_name: str, version: int, holdout_file: Path, scoring: ScoringSettings
+    model_name: str, version: int, holdout_file: Path, scoring: ScoringParams
 ) -> pa.Table:
     """Per-example scores of a registered version on `holdout_file` (today's holdout)."""
     from retune.model.scoring import score_examples
@@ -112,7 +103,7 @@ def gate(
     candidate_metrics: Mapping[str, float],
     candidate_scores: pa.Table | None,
     holdout_file: Path,
-    scoring: ScoringSettings,
+    scoring: ScoringParams,
     seed: int,
     decided_by: str,
     forced: bool = False,
@@ -186,19 +177,12 @@ def gate(
     )
 
 
-def _report(path: Path, stage: str) -> dict[str, Any]:
-    if not path.exists():
-        raise RetuneError(f"{path}: missing; run `{stage}` first")
-    return read_json(path)
-
-
 def _log_to_pipeline_run(params: Params, result: PromoteResult) -> None:
     """Add the decision to the pipeline's MLflow run (the one `train` started), if known."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    train_report = params.paths.reports / "train.json"
-    run_id = read_json(train_report).get("run_id") if train_report.exists() else None
+    run_id = pipeline_run_id(params)
     if not run_id:
         return
     client = MlflowClient()
@@ -229,21 +213,15 @@ def run(params: Params) -> PromoteResult:
     write reports/promote.json. A rejection is a result, not an error."""
     import pyarrow.parquet as pq
 
-    reports = params.paths.reports
-    registered = _report(reports / "register.json", "register")
-    evaluation = _report(reports / "evaluate.json", "evaluate")
-    scores_file = reports / "holdout_scores.parquet"
-    if not scores_file.exists():
-        raise RetuneError(f"{scores_file}: missing; run `evaluate` first")
-    train_run = (
-        read_json(reports / "train.json").get("run_id")
-        if (reports / "train.json").exists()
-        else None
-    )
+    registered = REGISTER_REPORT.read(params)
+    evaluation = EVALUATE_REPORT.read(params)
+    scores_file = HOLDOUT_SCORES.require(params)
+    train_run = pipeline_run_id(params)
     if train_run and registered.get("run_id") != train_run:
         raise RetuneError(
-            f"{reports / 'register.json'} is from MLflow run {registered.get('run_id')}, but "
-            f"reports/train.json from {train_run}: re-run `register` for the current model"
+            f"{REGISTER_REPORT.path(params)} is from MLflow run {registered.get('run_id')}, but "
+            f"{TRAIN_REPORT.path(params)} from {train_run}: re-run `register` for the current "
+            "model"
         )
     registry = Registry.open(params.tracking, str(registered["model_name"]))
     result = gate(
@@ -252,13 +230,13 @@ def run(params: Params) -> PromoteResult:
         int(registered["version"]),
         _numbers(evaluation),
         pq.read_table(scores_file),
-        params.paths.split / "holdout.parquet",
-        ScoringSettings.of(params),
+        HOLDOUT_SPLIT.path(params),
+        params.scoring,
         params.seed,
         decided_by=GATE_ACTOR,
         scores_source=str(scores_file),
     )
-    write_json(reports / "promote.json", result.report())
+    PROMOTE_REPORT.write(params, result.report())
     _log_to_pipeline_run(params, result)
     print(f"promote: {result.verdict}", flush=True)
     return result
@@ -294,8 +272,8 @@ def promote_version(
         raise GateError('--force needs --reason "..." (it is recorded with the promotion)')
     registry = Registry.open(params.tracking, params.register.model_name)
     info = registry.version(version)
-    holdout_file = params.paths.split / "holdout.parquet"
-    scoring = ScoringSettings.of(params)
+    holdout_file = HOLDOUT_SPLIT.path(params)
+    scoring = params.scoring
     candidate_scores = None
     metrics = _version_metrics(info.tags)
     if registry.production() == version:

@@ -16,13 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retune import artifacts
+from retune.artifacts import (
+    CLEAN_MANIFEST,
+    EVALUATE_REPORT,
+    INGEST_REPORT,
+    MODEL,
+    MODEL_CARD,
+    REGISTER_REPORT,
+    SPLIT_REPORT,
+    require_pipeline_run_id,
+)
 from retune.config import Params, RegisterParams, TrackingParams
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
 from retune.model.chat import SPECIAL_TOKENS, render
 from retune.release.gitinfo import GitState, git_state
-from retune.reports import read_json, write_json
 
 if TYPE_CHECKING:
     import mlflow
@@ -437,36 +447,23 @@ def _numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def _optional(path: Path) -> dict[str, Any] | None:
-    return read_json(path) if path.exists() else None
-
-
 def gather_facts(params: Params, git: GitState) -> ModelFacts:
     """Read what the earlier stages reported: run id, metrics, data version and counts."""
-    reports = params.paths.reports
-    train_file = reports / "train.json"
-    if not train_file.exists():
-        raise RetuneError(
-            f"{train_file}: missing; run `train` first (it writes the MLflow run id as run_id)"
-        )
-    train_report = read_json(train_file)
-    run_id = train_report.get("run_id")
-    if not isinstance(run_id, str) or not run_id:
-        raise RetuneError(f"{train_file}: no run_id; re-run `train`")
-
-    evaluation = _optional(reports / "evaluate.json")
+    run_id = require_pipeline_run_id(params, "register")
+    train_report = artifacts.TRAIN_REPORT.read(params)
+    evaluation = EVALUATE_REPORT.read_if_present(params)
     if evaluation is None:
         print(
-            f"register: {reports / 'evaluate.json'} missing: registering without evaluation "
+            f"register: {EVALUATE_REPORT.path(params)} missing: registering without evaluation "
             "metrics (the version is tagged evaluated=false)",
             flush=True,
         )
-    manifest = _optional(params.paths.clean / "manifest.json") or {}
+    manifest = CLEAN_MANIFEST.read_if_present(params) or {}
     counts: dict[str, int] = {}
     for report in (
         manifest,
-        _optional(reports / "ingest.json") or {},
-        _optional(reports / "split.json") or {},
+        INGEST_REPORT.read_if_present(params) or {},
+        SPLIT_REPORT.read_if_present(params) or {},
     ):
         counts.update(
             {
@@ -475,14 +472,14 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
                 if k.startswith("n_") and isinstance(v, (int, float)) and not isinstance(v, bool)
             }
         )
-    data_version = manifest.get("data_version")
+    data_version = artifacts.data_version(CLEAN_MANIFEST, params)
     train_stats = {k: v for k, v in _numbers(train_report).items() if k != "run_id"}
     return ModelFacts(
         model_name=params.register.model_name,
         run_id=run_id,
         params=safe_params(params),
         git=git,
-        data_version=data_version if isinstance(data_version, str) else None,
+        data_version=data_version,
         data_counts=counts,
         # Timings are about the run, not the model.
         metrics={k: v for k, v in _numbers(evaluation or {}).items() if k != "score_s"},
@@ -493,10 +490,9 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
 def run(params: Params) -> RegisterResult:
     """Edge: gather the reports, register the model, write reports/register.json and the card."""
     facts = gather_facts(params, git_state())
-    result = register(params.register, params.tracking, params.paths.model, facts)
-    reports = params.paths.reports
-    write_json(
-        reports / "register.json",
+    result = register(params.register, params.tracking, MODEL.path(params), facts)
+    REGISTER_REPORT.write(
+        params,
         {
             "model_name": result.model_name,
             "version": result.version,
@@ -506,7 +502,7 @@ def run(params: Params) -> RegisterResult:
             "git_commit": result.git_commit,
         },
     )
-    (reports / "MODEL_CARD.md").write_text(result.model_card, encoding="utf-8")
+    MODEL_CARD.path(params).write_text(result.model_card, encoding="utf-8")
     return result
 
 

@@ -19,13 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retune.config import HygieneParams, Params
+from retune.artifacts import CLEAN_RECORDS, HOLDOUT_SPLIT, SPLIT, SPLIT_REPORT, TRAIN_SPLIT
+from retune.config import NearDuplicateParams, Params
 from retune.data import dedup
 from retune.data.lineage import CHANGES_FILE, change, write_changes
 from retune.data.records import read_records
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
-from retune.reports import write_json
 
 _BUCKETS = 10_000
 # Leaking pairs listed in reports/split.json (all of them are in paths.split/changes.jsonl).
@@ -70,12 +70,13 @@ def split(records: pa.Table, holdout_fraction: float) -> tuple[pa.Table, pa.Tabl
     return records.filter(pc.invert(mask)), records.filter(mask)
 
 
-def find_leaks(records: pa.Table, holdout: np.ndarray, cfg: HygieneParams) -> list[Leak]:
+def find_leaks(records: pa.Table, holdout: np.ndarray, cfg: NearDuplicateParams) -> list[Leak]:
     """Holdout records (mask `holdout`) whose text has a near-duplicate in train (MinHash/LSH,
-    the hygiene settings), counting a holdout record found leaking as train from then on."""
+    `near_duplicates` as in hygiene), counting a holdout record found leaking as train from then
+    on."""
     order = pc.sort_indices(records, [("source", "ascending"), ("line", "ascending")])
     with dedup.sketch_batches(
-        dedup.iter_texts(records), cfg.near_duplicate_threshold, cfg.num_perm, cfg.shingle_words
+        dedup.iter_texts(records), cfg.threshold, cfg.num_perm, cfg.shingle_words
     ) as sk:
         matches = dedup.leaks(sk, holdout, order.to_numpy())
     if not matches:
@@ -86,7 +87,7 @@ def find_leaks(records: pa.Table, holdout: np.ndarray, cfg: HygieneParams) -> li
 
 
 def split_without_leaks(
-    records: pa.Table, holdout_fraction: float, cfg: HygieneParams
+    records: pa.Table, holdout_fraction: float, cfg: NearDuplicateParams
 ) -> tuple[pa.Table, pa.Table, list[Leak], list[dict[str, Any]]]:
     """(train, holdout, leaks, change-log entries): the id-hash split, then every holdout
     conversation with a near-duplicate in train moved to train (all its records)."""
@@ -131,8 +132,8 @@ def _pair(leak: Leak) -> dict[str, Any]:
 def run(params: Params) -> SplitResult:
     """Edge: read the clean records, write train/holdout Parquet, the change log of moved
     records and reports/split.json (with the leaking pairs)."""
-    records = read_records(params.paths.clean / "records.parquet", written_by="hygiene")
-    cfg = params.hygiene
+    records = read_records(CLEAN_RECORDS.path(params), written_by=CLEAN_RECORDS.written_by)
+    cfg = params.near_duplicates
     train, holdout, leaks, entries = split_without_leaks(
         records, params.split.holdout_fraction, cfg
     )
@@ -142,18 +143,19 @@ def run(params: Params) -> SplitResult:
             f"{train.num_rows} train and {holdout.num_rows} holdout examples of "
             f"{records.num_rows}; both need at least one (add data or change the fraction)"
         )
-    out = params.paths.split
+    out = SPLIT.path(params)
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(train, out / "train.parquet")
-    pq.write_table(holdout, out / "holdout.parquet")
+    train_file, holdout_file = TRAIN_SPLIT.path(params), HOLDOUT_SPLIT.path(params)
+    pq.write_table(train, train_file)
+    pq.write_table(holdout, holdout_file)
     write_changes(out / CHANGES_FILE, entries)
-    write_json(
-        params.paths.reports / "split.json",
+    SPLIT_REPORT.write(
+        params,
         {
             "n_train": train.num_rows,
             "n_holdout": holdout.num_rows,
             "leakage": {
-                "threshold": cfg.near_duplicate_threshold,
+                "threshold": cfg.threshold,
                 "pairs": len(leaks),
                 "moved_to_train": len(entries),
                 "pairs_shown": [_pair(leak) for leak in leaks[:_PAIRS_SHOWN]],
@@ -168,8 +170,8 @@ def run(params: Params) -> SplitResult:
         flush=True,
     )
     return SplitResult(
-        out / "train.parquet",
-        out / "holdout.parquet",
+        train_file,
+        holdout_file,
         train.num_rows,
         holdout.num_rows,
         leaks=tuple(leaks),

@@ -10,13 +10,22 @@ import csv
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retune import artifacts
+from retune.artifacts import (
+    CLEAN_MANIFEST,
+    HOLDOUT_SPLIT,
+    INGEST_REPORT,
+    MODEL,
+    TRAIN_LOSS,
+    TRAIN_REPORT,
+    TRAIN_SPLIT,
+    VALIDATE_REPORT,
+)
 from retune.config import Params
 from retune.entry import stage_main, stage_task
-from retune.errors import RetuneError
 from retune.masking import safe_params
 from retune.model.training import History, TrainResult, checkpoint_step, file_sha256, train
 from retune.release.tracking import setup_tracking
-from retune.reports import read_json, write_json
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -79,11 +88,8 @@ def run(params: Params) -> TrainResult:
     import mlflow
 
     paths = params.paths
-    train_file, holdout_file = paths.split / "train.parquet", paths.split / "holdout.parquet"
-    if not train_file.exists():
-        raise RetuneError(f"{train_file}: missing; run the split stage first (`retune split`)")
-    manifest = paths.clean / "manifest.json"
-    data_version = read_json(manifest).get("data_version") if manifest.exists() else None
+    train_file, holdout_file = TRAIN_SPLIT.require(params), HOLDOUT_SPLIT.path(params)
+    data_version = artifacts.data_version(CLEAN_MANIFEST, params)
     train_sha = file_sha256(train_file)
 
     setup_tracking(params.tracking)
@@ -93,15 +99,15 @@ def run(params: Params) -> TrainResult:
             {"retune.stage": "train", "train_file_sha256": train_sha}
             | ({"data_version": data_version} if data_version else {})
         )
-        for name in ("ingest.json", "validate.json"):
-            if (paths.reports / name).exists():
-                mlflow.log_artifact(str(paths.reports / name), artifact_path="reports")
+        for facts in (INGEST_REPORT, VALIDATE_REPORT):
+            if facts.path(params).is_file():
+                mlflow.log_artifact(str(facts.path(params)), artifact_path="reports")
         result = train(
             params.train,
             params.seed,
             train_file,
             holdout_file,
-            paths.model,
+            MODEL.path(params),
             paths.checkpoints,
             callbacks=[_mlflow_callback()],
         )
@@ -117,8 +123,8 @@ def run(params: Params) -> TrainResult:
         if not any(loss is not None for _, loss, _ in result.history):
             final["train_loss"] = result.train_loss
         mlflow.log_metrics(final, step=result.steps)
-        report = write_json(
-            paths.reports / "train.json",
+        report = TRAIN_REPORT.write(
+            params,
             {
                 "run_id": active.info.run_id,
                 "train_loss": result.train_loss,
@@ -131,7 +137,7 @@ def run(params: Params) -> TrainResult:
                 "resumed_from": str(result.resumed_from) if result.resumed_from else None,
             },
         )
-        curve = write_loss_csv(paths.reports / "train_loss.csv", result.history)
+        curve = write_loss_csv(TRAIN_LOSS.path(params), result.history)
         for path in (report, curve):
             mlflow.log_artifact(str(path), artifact_path="reports")
     return result

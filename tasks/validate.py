@@ -14,7 +14,16 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retune.config import HygieneParams, Params, ValidateParams
+from retune import artifacts
+from retune.artifacts import (
+    CLEAN_MANIFEST,
+    CLEAN_RECORDS,
+    HYGIENE_CHART,
+    HYGIENE_REPORT,
+    VALIDATE_DOCS,
+    VALIDATE_REPORT,
+)
+from retune.config import Params, RepresentationParams, ValidateParams
 from retune.data.gx_batches import (
     BATCH_ROWS,
     ExpectationOutcome,
@@ -30,8 +39,7 @@ from retune.data.records import ROLE_ORDER_REGEX
 from retune.data.representation_suite import representation_outcomes
 from retune.entry import stage_main, stage_task
 from retune.env import configure_environment
-from retune.errors import DataValidationError, MissingInputError
-from retune.reports import read_json, write_json
+from retune.errors import DataValidationError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -179,7 +187,7 @@ def check(
     docs_dir: Path | None = None,
     run_name: str = "validate",
     batch_rows: int = BATCH_ROWS,
-    representation: HygieneParams | None = None,
+    representation: RepresentationParams | None = None,
 ) -> CheckResult:
     """Run the suite over `records` (a table, a frame, or a records Parquet file) in an
     ephemeral GX context; if `docs_dir` is given, replace it with the Data Docs HTML of this run
@@ -189,7 +197,7 @@ def check(
     result; the others (row count, uniqueness) see the key columns of every record at once. So
     memory follows the batch, not the corpus, and the outcome is the same as in one pass.
 
-    With `representation` (the hygiene settings), the categories and languages the records
+    With `representation` (the `representation` section), the categories and languages the records
     represent are checked too (see `representation_outcomes`)."""
     source = Records(records)
     missing = [c for c in REQUIRED_COLUMNS if c not in source.columns]
@@ -341,14 +349,6 @@ def report_dict(result: CheckResult, data_version: str | None) -> dict[str, Any]
     }
 
 
-def _data_version(prepared: Path) -> str | None:
-    manifest = prepared / "manifest.json"
-    if not manifest.exists():
-        return None
-    version = read_json(manifest).get("data_version")
-    return None if version is None else str(version)
-
-
 def run(params: Params) -> ValidateResult:
     """Edge: check the clean records, write reports/validate.json and reports/validate_docs/,
     log both (and hygiene's representation report and chart) to an MLflow run named
@@ -360,22 +360,19 @@ def run(params: Params) -> ValidateResult:
 
     from retune.release.tracking import setup_tracking
 
-    clean = params.paths.clean
-    records = clean / "records.parquet"
-    if not records.exists():
-        raise MissingInputError(records, "hygiene")
+    records = CLEAN_RECORDS.require(params)
     print(f"validate: checking {pq.ParquetFile(records).metadata.num_rows} records", flush=True)
-    docs_dir = params.paths.reports / "validate_docs"
-    data_version = _data_version(clean)
+    docs_dir = VALIDATE_DOCS.path(params)
+    data_version = artifacts.data_version(CLEAN_MANIFEST, params)
     result = check(
         records,
         params.validate,
         tuple(params.ingest.redact),
         docs_dir=docs_dir,
         run_name=f"data {data_version[:12]}" if data_version else "validate",
-        representation=params.hygiene,
+        representation=params.representation,
     )
-    report = write_json(params.paths.reports / "validate.json", report_dict(result, data_version))
+    report = VALIDATE_REPORT.write(params, report_dict(result, data_version))
     failed = tuple(o.name for o in result.failed)
     print(
         f"validate: {len(result.expectations) - len(failed)}/{len(result.expectations)} "
@@ -398,9 +395,9 @@ def run(params: Params) -> ValidateResult:
         mlflow.log_artifact(str(report), artifact_path="validation")
         mlflow.log_artifacts(str(docs_dir), artifact_path="validation/validate_docs")
         # The hygiene stage's representation report and chart, next to the contract's.
-        for name in ("hygiene.json", "hygiene.png"):
-            if (params.paths.reports / name).exists():
-                mlflow.log_artifact(str(params.paths.reports / name), artifact_path="validation")
+        for facts in (HYGIENE_REPORT, HYGIENE_CHART):
+            if facts.path(params).is_file():
+                mlflow.log_artifact(str(facts.path(params)), artifact_path="validation")
         if not result.success:
             # Raised inside the run, so MLflow records the run as FAILED.
             raise DataValidationError(error_message(result, report))

@@ -54,7 +54,7 @@ def tiny_params_for(tmp: Path, **sections: dict) -> Params:
         },
         "sample": {"conversations": 200},
         # The fixture corpus is templated: at the default 0.8 most of it would be near-duplicates.
-        "hygiene": {"near_duplicate_threshold": 0.9},
+        "near_duplicates": {"threshold": 0.9},
         "validate": {"min_examples": 20},
         "split": {"holdout_fraction": 0.2},
         "train": {
@@ -68,7 +68,8 @@ def tiny_params_for(tmp: Path, **sections: dict) -> Params:
             "save_steps": 3,
             "eval_max_examples": 8,
         },
-        "evaluate": {"batch_size": 4, "max_examples": 16, "prompts": 2, "max_new_tokens": 8},
+        "scoring": {"batch_size": 4, "max_examples": 16, "max_seq_len": 64},
+        "evaluate": {"prompts": 2, "max_new_tokens": 8},
         "register": {"model_name": "retune-test"},
         # A few steps of a tiny model stay far above the production thresholds.
         "promote": {"max_perplexity": 1000.0, "max_perplexity_vs_baseline": None},

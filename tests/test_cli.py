@@ -138,4 +138,6 @@ def test_models_on_an_empty_registry_says_how_to_get_one(
     assert result.exit_code == 0
     assert "no versions registered" in result.output and "retune run" in result.output
     gate = runner.invoke(app, ["gate", "--params", str(params_file)])
-    assert gate.exit_code == 1 and "register.json: missing; run `register` first" in gate.output
+    assert (
+        gate.exit_code == 1 and "register.json is missing: run the `register` stage" in gate.output
+    )

@@ -55,3 +55,33 @@ def test_malformed_override_and_missing_file_are_clear(tmp_path: Path) -> None:
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_a_moved_key_fails_naming_where_it_went(tmp_path: Path) -> None:
+    old = tmp_path / "params.yaml"
+    old.write_text(
+        "hygiene:\n  near_duplicate_threshold: 0.85\n  languages: [en, de]\n"
+        "evaluate:\n  folds: 3\n  batch_size: 4\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_params(old)
+    message = str(caught.value)
+    assert str(old) in message
+    for line in (
+        "hygiene.near_duplicate_threshold: moved to near_duplicates.threshold",
+        "hygiene.languages: moved to representation.languages",
+        "evaluate.folds: moved to cv.folds",
+        "evaluate.batch_size: moved to scoring.batch_size",
+    ):
+        assert line in message
+    # An override in the old spelling is named the same way.
+    with pytest.raises(ConfigError, match=r"evaluate\.max_examples: moved to scoring"):
+        load_params(ROOT / "params.yaml", ["evaluate.max_examples=10"])
+    # Renamed, the same values load.
+    old.write_text(
+        "near_duplicates:\n  threshold: 0.85\nrepresentation:\n  languages: [en, de]\n"
+        "cv:\n  folds: 3\nscoring:\n  batch_size: 4\n"
+    )
+    params = load_params(old)
+    assert params.near_duplicates.threshold == 0.85 and params.cv.folds == 3
+    assert params.representation.languages == ("en", "de") and params.scoring.batch_size == 4

@@ -8,18 +8,28 @@ import importlib
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
+from retune import artifacts
+from retune.artifacts import PIPELINE, STAGES, Stage
 from retune.config import Params, load_params
+from retune.errors import MissingInputError
+from tests.helpers import tiny_params_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+STAGES_BY_NAME = STAGES
 
 
-def test_every_dvc_stage_runs_the_same_function_as_the_flow_task() -> None:
+def test_the_flow_dvc_and_the_cli_run_the_declared_stages_in_order() -> None:
+    from flows.cli import STAGE_COMMANDS, STAGE_HELP
     from flows.retrain import STAGES
 
-    assert [name for name, _ in STAGES] == list(DVC)
+    declared = [stage.name for stage in PIPELINE]
+    assert [name for name, _ in STAGES] == declared
+    assert list(DVC) == declared
+    assert set(declared) <= set(STAGE_HELP)
     for name, flow_task in STAGES:
         assert DVC[name]["cmd"] == f"python -m tasks.{name}"
         module = importlib.import_module(f"tasks.{name}")
@@ -27,6 +37,8 @@ def test_every_dvc_stage_runs_the_same_function_as_the_flow_task() -> None:
         assert flow_task.fn is module.run
         assert flow_task.name == name
         assert getattr(module, f"{name}_task") is flow_task
+        assert STAGE_HELP[name] == STAGES_BY_NAME[name].summary
+        assert STAGE_COMMANDS.get(name, name)  # every stage has a CLI command
 
 
 def test_dvc_params_and_paths_exist_in_params_yaml() -> None:
@@ -47,9 +59,127 @@ def test_dvc_params_and_paths_exist_in_params_yaml() -> None:
 
 def test_each_stage_with_settings_has_a_params_section_of_its_name() -> None:
     sections = {f.name for f in dataclasses.fields(Params)}
-    # `cv` is cross-validated *evaluation*: its one setting is `evaluate.folds`.
-    for name in set(DVC) - {"cv"}:
-        assert name in sections, f"stage {name} has no params.yaml section"
+    for stage in PIPELINE:
+        assert stage.name in sections, f"stage {stage.name} has no params.yaml section"
+        assert stage.name in stage.params, f"stage {stage.name} does not declare its section"
+        for dotted in stage.params:
+            assert dotted.split(".")[0] in sections, f"stage {stage.name}: {dotted}"
+
+
+def _declared_dvc_stage(stage: Stage) -> dict[str, object]:
+    """What dvc.yaml must say of `stage` (its code deps aside): deps from what it reads, outs,
+    metrics and plots from what it writes, params from the sections it declares."""
+    deps = list(dict.fromkeys(a.dvc_path() for a in stage.reads))
+    outs: list[object] = []
+    metrics: list[object] = []
+    plots: list[object] = []
+    for artifact in stage.writes:
+        path = artifact.dvc_path()
+        if artifact.tracking == "metric":
+            metrics.append(path)
+        elif artifact.tracking == "plot":
+            plots.append({path: PLOT_AXES[artifact.file or ""]})
+        elif path not in outs:
+            outs.append(path)
+    found: dict[str, object] = {"deps": deps, "params": list(stage.params)}
+    for key, value in (("outs", outs), ("metrics", metrics), ("plots", plots)):
+        if value:
+            found[key] = value
+    return found
+
+
+# How dvc.yaml draws each plot: axes are presentation, not part of the stage graph.
+PLOT_AXES = {"train_loss.csv": {"x": "step", "y": "loss"}}
+
+
+def test_dvc_yaml_says_what_the_declaration_says() -> None:
+    for stage in PIPELINE:
+        listed = DVC[stage.name]
+        expected = _declared_dvc_stage(stage)
+        actual = {
+            "deps": [d for d in listed.get("deps", []) if "${" in d],
+            "params": list(listed.get("params", [])),
+            **{k: listed[k] for k in ("outs", "metrics", "plots") if k in listed},
+        }
+        assert actual == expected, (
+            f"dvc.yaml stage {stage.name} differs from retune/artifacts.py; it should read\n"
+            + yaml.safe_dump(expected, sort_keys=False)
+        )
+
+
+def _params_read(path: Path) -> set[str]:
+    """`params.<section>` and `params.<section>.<key>` read anywhere in a module."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id == "params":
+                found.add(node.attr)
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "params"
+        ):
+            found.add(f"{node.value.attr}.{node.attr}")
+    return found
+
+
+# Where files live and where runs are tracked: every stage may read these.
+SHARED_SECTIONS = {"paths", "tracking"}
+
+
+def test_each_stage_reads_only_the_sections_it_declares() -> None:
+    for stage in PIPELINE:
+        allowed = set(stage.params) | SHARED_SECTIONS
+        for read in _params_read(ROOT / "tasks" / f"{stage.name}.py"):
+            section = read.split(".")[0]
+            if read in allowed or section in allowed:
+                continue
+            if "." not in read and any(a.startswith(f"{read}.") for a in allowed):
+                continue  # `params.validate` on the way to a declared `validate.min_chars`
+            raise AssertionError(f"tasks/{stage.name}.py reads params.{read}, not declared")
+
+
+def test_hand_off_file_names_are_written_once() -> None:
+    names = {
+        a.file
+        for a in vars(artifacts).values()
+        if isinstance(a, artifacts.Artifact) and a.file is not None
+    } | {artifacts.RECORDS_FILE, artifacts.MANIFEST_FILE, artifacts.QUARANTINE_FILE}
+    for layer in LAYERS:
+        for path in (ROOT / layer).rglob("*.py"):
+            if path == ROOT / "retune" / "artifacts.py":
+                continue
+            text = path.read_text()
+            for name in names:
+                assert f'"{name}"' not in text and f"'{name}'" not in text, (
+                    f"{path.relative_to(ROOT)} spells {name!r}: take it from retune.artifacts"
+                )
+
+
+@pytest.mark.parametrize(
+    ("stage", "first"),
+    [
+        ("hygiene", "ingest"),
+        ("validate", "hygiene"),
+        ("split", "hygiene"),
+        ("train", "split"),
+        ("cv", "split"),
+        ("evaluate", "train"),
+        ("register", "train"),
+        ("promote", "register"),
+    ],
+)
+def test_a_missing_input_names_the_stage_to_run_first(
+    tmp_path: Path, stage: str, first: str
+) -> None:
+    params = tiny_params_for(tmp_path, cv={"folds": 2})
+    module = importlib.import_module(f"tasks.{stage}")
+    with pytest.raises(MissingInputError) as caught:
+        module.run(params)
+    command = STAGES_BY_NAME[first].name if first != "promote" else "gate"
+    assert f"`retune {command}`" in str(caught.value)
+    assert str(tmp_path) in str(caught.value)  # the path of the missing file
 
 
 def _imports(path: Path) -> set[str]:

@@ -18,7 +18,7 @@ from tasks import cv, split, train
 
 
 def with_folds(params: Params, k: int) -> Params:
-    return dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, folds=k))
+    return dataclasses.replace(params, cv=dataclasses.replace(params.cv, folds=k))
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_folds_below_two_turn_cv_off(prepared: Params, k: int) -> None:
 
     assert result.k == 0 and result.folds == () and result.perplexity_mean is None
     report = json.loads((prepared.paths.reports / "cv.json").read_text())
-    assert report["enabled"] is False and f"evaluate.folds={k}" in report["reason"]
+    assert report["enabled"] is False and f"cv.folds={k}" in report["reason"]
     # Nothing trained, nothing tracked.
     assert not (prepared.paths.checkpoints / cv.CV_DIR).exists()
     assert not Path(prepared.tracking.uri.removeprefix("sqlite:///")).exists()

@@ -108,7 +108,7 @@ def test_stage_scores_holdout_and_logs_into_the_pipeline_run(
     result = run(params)
 
     holdout = pq.read_table(params.paths.split / "holdout.parquet")
-    assert result.n_examples == min(params.evaluate.max_examples, holdout.num_rows)
+    assert result.n_examples == min(params.scoring.max_examples, holdout.num_rows)
     assert 1.0 < result.perplexity < math.inf
     assert 0.0 <= result.next_token_accuracy <= 1.0
     assert 1.0 < result.baseline_perplexity < math.inf
@@ -185,5 +185,5 @@ def test_model_outside_the_pipeline_gets_its_own_run(
 
 def test_missing_model_names_the_setting_and_the_fix(prepared: Params) -> None:
     tasks.split.run(prepared)
-    with pytest.raises(RetuneError, match=r"paths\.model.*run the train stage"):
+    with pytest.raises(RetuneError, match=r"paths\.model.*run the `train` stage"):
         run(prepared)

@@ -51,7 +51,7 @@ def test_flow_quarantines_bad_lines_trains_on_the_rest_and_registers(
     from flows.retrain import retrain
 
     # Two CV folds as well: the flow submits them as separate tasks.
-    params = tiny_params_for(tmp_path, evaluate={"folds": 2})
+    params = tiny_params_for(tmp_path, cv={"folds": 2})
     good = json.dumps(
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     ).encode()

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from retune.config import HygieneParams, Params, SampleParams, to_plain
+from retune.config import HygieneParams, Params, RepresentationParams, SampleParams, to_plain
 from retune.data.lineage import data_version, trace
 from retune.data.records import Record, write_records
 from tasks.hygiene import hygiene, run
@@ -249,7 +249,7 @@ def test_the_sample_passes_validation_after_hygiene(tmp_path: Path) -> None:
         result.records_file,
         ValidateParams(min_examples=2_500),
         tuple(IngestParams().redact),
-        representation=HygieneParams(),
+        representation=RepresentationParams(),
     )
     assert checked.success, error_message(checked)
     assert {"category_share", "language_share"} <= {o.name for o in checked.expectations}

@@ -24,7 +24,7 @@ def gate_params(tmp_path: Path) -> Params:
     holdout (40 conversations) written where the split stage puts it."""
     params = tiny_params_for(
         tmp_path,
-        evaluate={"max_examples": 40},
+        scoring={"max_examples": 40},
         promote={
             "max_perplexity": 1000.0,
             "max_perplexity_vs_baseline": None,
@@ -102,9 +102,9 @@ def register_candidate(params: Params, model_dir: Path, **metrics: float) -> int
         model,
         tokenizer,
         params.paths.split / "holdout.parquet",
-        params.evaluate.max_examples,
-        params.evaluate.batch_size,
-        params.train.max_seq_len,
+        params.scoring.max_examples,
+        params.scoring.batch_size,
+        params.scoring.max_seq_len,
     )
     reports.mkdir(parents=True, exist_ok=True)
     pq.write_table(scores, reports / "holdout_scores.parquet")
@@ -281,7 +281,7 @@ def test_without_a_registered_candidate_the_stage_says_what_to_run(params: Param
     from retune.errors import RetuneError
     from tasks.promote import run as promote
 
-    with pytest.raises(RetuneError, match=r"register\.json: missing; run `register` first"):
+    with pytest.raises(RetuneError, match=r"register\.json is missing: run the `register` stage"):
         promote(params)
 
 

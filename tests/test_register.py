@@ -117,7 +117,7 @@ def test_without_evaluation_the_version_says_so(tiny_params: Params, tiny_model_
 def test_a_missing_train_report_names_the_stage_to_run(tiny_params: Params) -> None:
     from retune.errors import RetuneError
 
-    with pytest.raises(RetuneError, match=r"train\.json: missing; run `train` first"):
+    with pytest.raises(RetuneError, match=r"train\.json is missing: run the `train` stage"):
         run(tiny_params)
 
 

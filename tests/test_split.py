@@ -8,7 +8,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retune.config import HygieneParams, Params
+from retune.config import NearDuplicateParams, Params
 from retune.data.records import SCHEMA, Record, write_records
 from tasks.split import is_holdout, run, split, split_without_leaks
 from tests.helpers import make_conversations
@@ -107,7 +107,7 @@ def test_a_holdout_near_duplicate_of_train_moves_to_train_and_is_reported() -> N
         ]
     )
     records = _records(texts, train_ids + hold_ids)
-    train, holdout, leaks, changes = split_without_leaks(records, 0.2, HygieneParams())
+    train, holdout, leaks, changes = split_without_leaks(records, 0.2, NearDuplicateParams())
     assert {leak.holdout["conversation_id"] for leak in leaks} == set(hold_ids[4:])
     assert {(leak.holdout["line"], leak.train["line"]) for leak in leaks} == {(25, 4), (26, 8)}
     assert all(leak.similarity >= 0.8 for leak in leaks)

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from retune.config import HygieneParams, Params, ValidateParams
+from retune.config import Params, RepresentationParams, ValidateParams
 from retune.data.records import ROLE_ORDER_REGEX, Record, read_records, write_records
 from retune.errors import DataValidationError
 from tasks.validate import build_suite, check, error_message, run
@@ -222,7 +222,9 @@ def _represented(categories: list[str], texts: list[str] | None = None) -> pd.Da
 
 def test_representation_passes_on_balanced_english_records() -> None:
     df = _represented(["billing", "shipping", "returns", "setup"] * 10)
-    result = check(df, ValidateParams(min_examples=5), REDACT, representation=HygieneParams())
+    result = check(
+        df, ValidateParams(min_examples=5), REDACT, representation=RepresentationParams()
+    )
     assert result.success, error_message(result)
     share = next(o for o in result.expectations if o.name == "category_share")
     assert share.observed_value == {c: 0.25 for c in ("billing", "returns", "setup", "shipping")}
@@ -232,15 +234,19 @@ def test_representation_passes_on_balanced_english_records() -> None:
 
 def test_a_rare_category_fails_with_its_share_and_the_setting() -> None:
     df = _represented(["billing"] * 60 + ["shipping"] * 39 + ["warranty"])
-    result = check(df, ValidateParams(min_examples=5), REDACT, representation=HygieneParams())
+    result = check(
+        df, ValidateParams(min_examples=5), REDACT, representation=RepresentationParams()
+    )
     assert [o.name for o in result.failed] == ["category_share"]
     message = error_message(result)
     assert "category 'warranty' holds 1.00% (1 of the 100 records with a meta.category)" in message
-    assert "hygiene.min_category_share=2.0%" in message
+    assert "representation.min_category_share=2.0%" in message
 
 
 def test_records_without_categories_skip_the_category_check() -> None:
-    result = check(frame(), ValidateParams(min_examples=5), REDACT, representation=HygieneParams())
+    result = check(
+        frame(), ValidateParams(min_examples=5), REDACT, representation=RepresentationParams()
+    )
     names = [o.name for o in result.expectations]
     assert "category_share" not in names and "language_share" in names
 
@@ -249,7 +255,7 @@ def test_too_much_text_in_other_languages_fails_and_shows_where() -> None:
     spanish = "Hola, mi pedido todavía no ha llegado. ¿Dónde está mi termostato nuevo?"
     texts = [f"My thermostat order number {i} arrived late, please help." for i in range(8)]
     df = _represented(["billing"] * 10, [*texts, spanish, spanish + " Gracias."])
-    hyg = HygieneParams(min_language_share=0.9)
+    hyg = RepresentationParams(min_language_share=0.9)
     result = check(df, ValidateParams(min_examples=5), REDACT, representation=hyg)
     assert [o.name for o in result.failed] == ["language_share"]
     message = error_message(result)
@@ -261,6 +267,6 @@ def test_too_much_text_in_other_languages_fails_and_shows_where() -> None:
         df,
         ValidateParams(min_examples=5),
         REDACT,
-        representation=HygieneParams(languages=("en", "es")),
+        representation=RepresentationParams(languages=("en", "es")),
     )
     assert ok.success, error_message(ok)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from retune.config import Params, to_plain
 from retune.errors import RetuneError
-from retune.reports import read_json
+from retune.artifacts import require_pipeline_run_id
 from retune.release.tracking import resolved_uri
 
 if TYPE_CHECKING:
@@ -111,14 +111,7 @@ def _client(params: Params) -> MlflowClient:
 def record_fingerprint(params: Params, fingerprint: str, run: str | None = None) -> None:
     """Tag the pipeline's training run (`run_id` in reports/train.json) with `fingerprint`:
     the incoming data that run trained on, and with `run` (`run_fingerprint`) if given."""
-    train_report = params.paths.reports / "train.json"
-    try:
-        run_id = read_json(train_report)["run_id"]
-    except (FileNotFoundError, KeyError):
-        raise RetuneError(
-            f"{train_report}: no run_id to record the incoming fingerprint on; "
-            "record it at the end of a retrain, after the train stage"
-        ) from None
+    run_id = require_pipeline_run_id(params, "the incoming fingerprint")
     client = _client(params)
     client.set_tag(run_id, FINGERPRINT_TAG, fingerprint)
     if run is not None:

@@ -167,7 +167,16 @@ def trace(paths: PathsParams, source: str) -> list[Step]:
 
 def _trace(paths: PathsParams, source: str) -> list[Step]:
     steps: list[Step] = []
-    for q in read_changes(paths.quarantine / "quarantine.jsonl", source):
+    from retune.artifacts import (
+        CLEAN_RECORDS,
+        HOLDOUT_SPLIT,
+        PREPARED_RECORDS,
+        QUARANTINE,
+        QUARANTINE_FILE,
+        TRAIN_SPLIT,
+    )
+
+    for q in read_changes(QUARANTINE.path(paths) / QUARANTINE_FILE, source):
         rows = q.get("rows")
         where = f" (rows {rows[0]}-{rows[-1]})" if rows and len(rows) > 1 else ""
         steps.append(
@@ -179,15 +188,15 @@ def _trace(paths: PathsParams, source: str) -> list[Step]:
                 f"{q['reason']}{where}: {q['detail']}",
             )
         )
-    prepared = _ids(paths.prepared / "records.parquet", source)
+    prepared = _ids(PREPARED_RECORDS.path(paths), source)
     hygiene = {c["id"]: c for c in read_changes(paths.clean / CHANGES_FILE, source)}
     moved = {c["id"]: c for c in read_changes(paths.split / CHANGES_FILE, source)}
-    clean_exists = (paths.clean / "records.parquet").exists()
-    split_exists = (paths.split / "train.parquet").exists()
+    clean_file, train_file = CLEAN_RECORDS.path(paths), TRAIN_SPLIT.path(paths)
+    clean_exists, split_exists = clean_file.exists(), train_file.exists()
     remaining = [rid for rid in prepared if rid not in hygiene]
-    train = _members(paths.split / "train.parquet", remaining) if split_exists else set()
-    holdout = _members(paths.split / "holdout.parquet", remaining) if split_exists else set()
-    clean = _members(paths.clean / "records.parquet", remaining) if clean_exists else set()
+    train = _members(train_file, remaining) if split_exists else set()
+    holdout = _members(HOLDOUT_SPLIT.path(paths), remaining) if split_exists else set()
+    clean = _members(clean_file, remaining) if clean_exists else set()
     for rid, line in prepared.items():
         if rid in hygiene:
             c = hygiene[rid]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from copy import copy
 from typing import TYPE_CHECKING, Any
 
-from retune.config import HygieneParams
+from retune.config import RepresentationParams
 from retune.data.gx_batches import (
     ROW_KEYS,
     ExpectationOutcome,
@@ -28,11 +28,11 @@ REPRESENTATION_SUITE = "retune_representation"  # its name in the Data Docs
 
 
 def representation_frames(
-    source: Records, hyg: HygieneParams
+    source: Records, hyg: RepresentationParams
 ) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """(categories, languages): each category of meta[hygiene.category_field] with its count
+    """(categories, languages): each category of meta[representation.category_field] with its count
     and share of the records that have one (None when none has one, or the check is off); and
-    the language sample (hygiene.language_sample records, fixed by id) with each record's
+    the language sample (representation.language_sample records, fixed by id) with each record's
     detected language (None when no language is expected)."""
     import pandas as pd
     import pyarrow.compute as pc
@@ -64,7 +64,7 @@ def representation_frames(
 
 
 def representation_suite(
-    hyg: HygieneParams, categories: pd.DataFrame | None, languages: pd.DataFrame | None
+    hyg: RepresentationParams, categories: pd.DataFrame | None, languages: pd.DataFrame | None
 ) -> list[tuple[Expectation, str]]:
     """The representation expectations, each with the frame it reads ("categories" or
     "languages"); `meta["name"]` is retune's name for each."""
@@ -83,7 +83,7 @@ def representation_suite(
                     description=(
                         f"Every category (meta.{field}) holds at least "
                         f"{hyg.min_category_share:.1%} of the records that have one "
-                        "(hygiene.min_category_share)."
+                        "(representation.min_category_share)."
                     ),
                 ),
                 "categories",
@@ -99,8 +99,8 @@ def representation_suite(
                     meta={"name": "language_share"},
                     description=(
                         f"At least {hyg.min_language_share:.0%} of {len(languages)} sampled "
-                        f"records are in {', '.join(hyg.languages)} (hygiene.languages, "
-                        "hygiene.min_language_share, hygiene.language_sample)."
+                        f"records are in {', '.join(hyg.languages)} (representation.languages, "
+                        "representation.min_language_share, representation.language_sample)."
                     ),
                 ),
                 "languages",
@@ -110,7 +110,7 @@ def representation_suite(
 
 
 def representation_outcomes(
-    context: Any, source: Records, hyg: HygieneParams, rows_shown: int, run_name: str
+    context: Any, source: Records, hyg: RepresentationParams, rows_shown: int, run_name: str
 ) -> tuple[ExpectationOutcome, ...]:
     """Check what the records represent; the results are stored for the Data Docs as the
     suite REPRESENTATION_SUITE."""
@@ -150,7 +150,7 @@ def representation_outcomes(
 
 
 def _representation_outcome(
-    result: Any, df: pd.DataFrame, hyg: HygieneParams, rows_shown: int
+    result: Any, df: pd.DataFrame, hyg: RepresentationParams, rows_shown: int
 ) -> ExpectationOutcome:
     config = result.expectation_config
     name = config.meta["name"]
@@ -168,8 +168,8 @@ def _representation_outcome(
             for r in rare.itertuples()
         )
         problem += (
-            f", under hygiene.min_category_share={hyg.min_category_share:.1%}: add examples of "
-            "it, merge it into a related category, or lower hygiene.min_category_share in "
+            f", under representation.min_category_share={hyg.min_category_share:.1%}: add examples of "
+            "it, merge it into a related category, or lower representation.min_category_share in "
             "params.yaml"
         )
     else:
@@ -180,9 +180,9 @@ def _representation_outcome(
         others = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in set(hyg.languages))
         problem = (
             f"only {share:.1%} of {len(df)} sampled records are in "
-            f"{', '.join(hyg.languages)} (hygiene.min_language_share="
+            f"{', '.join(hyg.languages)} (representation.min_language_share="
             f"{hyg.min_language_share:.0%}); others: {others or 'none'}. Add the language to "
-            "hygiene.languages if it belongs, or remove those records"
+            "representation.languages if it belongs, or remove those records"
         )
         found = index_triples(info.get("partial_unexpected_index_list"))
         rows = offending_rows(found, df, rows_shown)

@@ -228,7 +228,7 @@ def test_pathological_secret_texts_are_redacted_reading_each_character_a_few_tim
 ) -> None:
     """400 KB of BEGIN lines without an END line took minutes: each line's search for its END
     read the rest of the text. The END, NUL and value searches now read the text about once."""
-    import retune.data.pii as pii
+    import retune.data.pii_secrets as pii
 
     text, redacted, counts = _pathological(400_000)[name]
     reads = {n: _Reads(getattr(pii, n)) for n in ("_KEY_END_RE", "_NUL", "_VALUE_RUN")}
@@ -242,7 +242,7 @@ def test_pathological_secret_texts_are_redacted_reading_each_character_a_few_tim
 def test_secret_families_find_what_their_patterns_match() -> None:
     """`_private_keys` and `_assignments` find the spans their `_SECRET_FAMILIES` patterns
     describe (on texts small enough for those patterns' worst cases)."""
-    from retune.data.pii import _SECRET_FAMILIES, _assignments, _private_keys, _value_ok
+    from retune.data.pii_secrets import _SECRET_FAMILIES, _assignments, _private_keys, _value_ok
 
     rng = random.Random(2)
     pieces = ["-----BEGIN RSA PRIVATE KEY-----", "-----END RSA PRIVATE KEY-----", "\n", " ",
@@ -273,7 +273,7 @@ def test_digit_floods_cost_a_bounded_number_of_phone_scans(
     read each run of digits whole, once per region. A long run is now read in short pieces,
     each distinct piece once, and a text gets `PHONE_SCANS_PER_TEXT` scans; the runs left after
     them are redacted unread."""
-    import retune.data.pii as pii
+    import retune.data.pii_phones as pii
 
     scans: list[str] = []
     scan = pii._scan

@@ -149,7 +149,7 @@ def record_in_dvc_lock(params_file: Path, overrides: list[str]) -> None:
         return
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "dvc", "commit", "--force", "--quiet"],
+        [sys.executable, "-m", "dvc", "commit", "--force"],
         cwd=folder,
         capture_output=True,
         text=True,

@@ -19,9 +19,11 @@ if TYPE_CHECKING:
     from retune.config import Params, PathsParams
 
 # How DVC tracks what a stage writes, all of it in the DVC cache (so `dvc metrics diff` and
-# `dvc plots diff` compare runs): an output, a headline metric `dvc metrics show` lists, or a
-# plot. Full reports are outputs: their hundreds of figures would bury the headline.
-Tracking = Literal["out", "metric", "plot"]
+# `dvc plots diff` compare runs): an output, or a plot. A report with `headline` keys is an
+# output too, and those keys are also written to reports/metrics/<report>, a DVC metric: the
+# few figures `dvc metrics show` lists, where the full reports' hundreds would bury them.
+Tracking = Literal["out", "plot"]
+HEADLINE_FOLDER = "metrics"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Artifact:
     file: str | None
     written_by: str | None
     tracking: Tracking = "out"
+    headline: tuple[str, ...] = ()
 
     def path(self, params: Params | PathsParams) -> Path:
         paths = getattr(params, "paths", params)  # a whole Params or just its paths
@@ -44,6 +47,12 @@ class Artifact:
         if self.folder == "reports" and self.file is not None:
             return f"${{paths.reports}}/{self.file}"
         return f"${{paths.{self.folder}}}"
+
+    def headline_path(self, params: Params) -> Path:
+        return self.path(params).parent / HEADLINE_FOLDER / str(self.file)
+
+    def headline_dvc_path(self) -> str:
+        return f"${{paths.reports}}/{HEADLINE_FOLDER}/{self.file}"
 
     def require(self, params: Params) -> Path:
         """Its path, or a MissingInputError saying which stage writes it."""
@@ -62,6 +71,9 @@ class Artifact:
         return self.read(params) if self.path(params).is_file() else None
 
     def write(self, params: Params, data: dict[str, Any]) -> Path:
+        """Write the report (and its headline keys, where it has some, as the DVC metric)."""
+        if self.headline:
+            write_json(self.headline_path(params), {k: data.get(k) for k in self.headline})
         return write_json(self.path(params), data)
 
 
@@ -78,36 +90,62 @@ PREPARED = Artifact("prepared", None, "ingest")
 PREPARED_RECORDS = Artifact("prepared", RECORDS_FILE, "ingest")
 PREPARED_MANIFEST = Artifact("prepared", MANIFEST_FILE, "ingest")
 QUARANTINE = Artifact("quarantine", None, "ingest")
-INGEST_REPORT = Artifact("reports", "ingest.json", "ingest")
+INGEST_REPORT = Artifact(
+    "reports", "ingest.json", "ingest", headline=("input_rows", "records", "quarantined_rows")
+)
 # hygiene
 CLEAN = Artifact("clean", None, "hygiene")
 CLEAN_RECORDS = Artifact("clean", RECORDS_FILE, "hygiene")
 CLEAN_MANIFEST = Artifact("clean", MANIFEST_FILE, "hygiene")
 HYGIENE_CHART = Artifact("reports", "hygiene.png", "hygiene")
-HYGIENE_REPORT = Artifact("reports", "hygiene.json", "hygiene")
+HYGIENE_REPORT = Artifact(
+    "reports", "hygiene.json", "hygiene", headline=("input", "kept", "removed")
+)
 # validate
 VALIDATE_DOCS = Artifact("reports", "validate_docs", "validate")
-VALIDATE_REPORT = Artifact("reports", "validate.json", "validate")
+VALIDATE_REPORT = Artifact(
+    "reports", "validate.json", "validate", headline=("n_records", "success")
+)
 # split
 SPLIT = Artifact("split", None, "split")
 TRAIN_SPLIT = Artifact("split", TRAIN_FILE, "split")
 HOLDOUT_SPLIT = Artifact("split", HOLDOUT_FILE, "split")
-SPLIT_REPORT = Artifact("reports", "split.json", "split", "metric")
+SPLIT_REPORT = Artifact("reports", "split.json", "split", headline=("n_train", "n_holdout"))
 # train
 MODEL = Artifact("model", None, "train")
-TRAIN_REPORT = Artifact("reports", "train.json", "train", "metric")
+TRAIN_REPORT = Artifact(
+    "reports",
+    "train.json",
+    "train",
+    headline=("train_loss", "eval_loss", "steps", "tokens_per_s"),
+)
 TRAIN_LOSS = Artifact("reports", "train_loss.csv", "train", "plot")
 # cv
-CV_REPORT = Artifact("reports", "cv.json", "cv", "metric")
+CV_REPORT = Artifact(
+    "reports", "cv.json", "cv", headline=("k", "perplexity_mean", "perplexity_std")
+)
+# Drawn only when cv is on, so not a DVC output (an output must exist after every run).
 CV_CHART = Artifact("reports", "cv_folds.png", "cv")
 # evaluate
 HOLDOUT_SCORES = Artifact("reports", "holdout_scores.parquet", "evaluate")
 GENERATIONS = Artifact("reports", "generations.csv", "evaluate")
-EVALUATE_REPORT = Artifact("reports", "evaluate.json", "evaluate", "metric")
+EVALUATE_REPORT = Artifact(
+    "reports",
+    "evaluate.json",
+    "evaluate",
+    headline=(
+        "perplexity",
+        "perplexity_vs_baseline",
+        "next_token_accuracy",
+        "rouge_l",
+        "chrf",
+        "unsafe_share",
+    ),
+)
 # register, promote
-REGISTER_REPORT = Artifact("reports", "register.json", "register")
+REGISTER_REPORT = Artifact("reports", "register.json", "register", headline=("version",))
 MODEL_CARD = Artifact("reports", "MODEL_CARD.md", "register")
-PROMOTE_REPORT = Artifact("reports", "promote.json", "promote")
+PROMOTE_REPORT = Artifact("reports", "promote.json", "promote", headline=("version", "outcome"))
 # Off the pipeline: the flow's summary, `retune drift` and `retune export-feedback`.
 FLOW_REPORT = Artifact("reports", "flow.json", "run")
 DRIFT_REPORT = Artifact("reports", "drift.json", "drift")
@@ -170,7 +208,7 @@ PIPELINE = (
         "cv",
         "Cross-validate (cv.folds folds): mean and spread of holdout metrics.",
         reads=(TRAIN_SPLIT, TRAIN_REPORT),
-        writes=(CV_REPORT, CV_CHART),
+        writes=(CV_REPORT,),
         params=("seed", "train", "cv", "scoring"),
     ),
     Stage(

@@ -75,12 +75,12 @@ def _declared_dvc_stage(stage: Stage) -> dict[str, object]:
     plots: list[object] = []
     for artifact in stage.writes:
         path = artifact.dvc_path()
-        if artifact.tracking == "metric":
-            metrics.append(path)
-        elif artifact.tracking == "plot":
+        if artifact.tracking == "plot":
             plots.append({path: PLOT_AXES[artifact.file or ""]})
         elif path not in outs:
             outs.append(path)
+        if artifact.headline:
+            metrics.append(artifact.headline_dvc_path())
     found: dict[str, object] = {"deps": deps, "params": list(stage.params)}
     for key, value in (("outs", outs), ("metrics", metrics), ("plots", plots)):
         if value:

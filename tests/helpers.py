@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
+from typing import Any
 
 from retune.config import Params, load_params, parse_params
 
@@ -40,6 +41,37 @@ def make_conversations(n: int, seed: int = 0) -> list[list[tuple[str, str]]]:
     return out
 
 
+# A model small enough for CPU tests, and the data limits that suit it: params.yaml's sections
+# as tiny_params_for and copies of the project (tests/test_dvc.py) change them.
+TINY: dict[str, dict[str, Any]] = {
+    "sample": {"conversations": 200},
+    # The fixture corpus is templated: at the default 0.8 most of it would be near-duplicates.
+    "near_duplicates": {"threshold": 0.9},
+    "validate": {"min_examples": 20},
+    "split": {"holdout_fraction": 0.2},
+    "train": {
+        "scratch": {"vocab_size": 400, "n_layer": 2, "n_head": 2, "n_embd": 32},
+        "max_seq_len": 64,
+        "per_device_train_batch_size": 4,
+        "max_steps": 6,
+        "warmup_steps": 0,
+        "logging_steps": 2,
+        "eval_steps": 3,
+        "save_steps": 3,
+        "eval_max_examples": 8,
+    },
+    "scoring": {"batch_size": 4, "max_examples": 16, "max_seq_len": 64},
+    "evaluate": {"prompts": 2, "max_new_tokens": 8},
+    "register": {"model_name": "retune-test"},
+    # A few steps of a tiny model stay far above the production thresholds.
+    "promote": {"max_perplexity": 1000.0, "max_perplexity_vs_baseline": None},
+}
+
+
+def _deep(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {k: {**v} for k, v in sections.items()}
+
+
 def tiny_params_for(tmp: Path, **sections: dict) -> Params:
     """params.yaml with every path under `tmp` and a model small enough for CPU tests."""
     base = load_params(ROOT / "params.yaml")
@@ -52,27 +84,7 @@ def tiny_params_for(tmp: Path, **sections: dict) -> Params:
             "artifacts": str(tmp / "mlruns" / "artifacts"),
             "experiment": "retune-test",
         },
-        "sample": {"conversations": 200},
-        # The fixture corpus is templated: at the default 0.8 most of it would be near-duplicates.
-        "near_duplicates": {"threshold": 0.9},
-        "validate": {"min_examples": 20},
-        "split": {"holdout_fraction": 0.2},
-        "train": {
-            "scratch": {"vocab_size": 400, "n_layer": 2, "n_head": 2, "n_embd": 32},
-            "max_seq_len": 64,
-            "per_device_train_batch_size": 4,
-            "max_steps": 6,
-            "warmup_steps": 0,
-            "logging_steps": 2,
-            "eval_steps": 3,
-            "save_steps": 3,
-            "eval_max_examples": 8,
-        },
-        "scoring": {"batch_size": 4, "max_examples": 16, "max_seq_len": 64},
-        "evaluate": {"prompts": 2, "max_new_tokens": 8},
-        "register": {"model_name": "retune-test"},
-        # A few steps of a tiny model stay far above the production thresholds.
-        "promote": {"max_perplexity": 1000.0, "max_perplexity_vs_baseline": None},
+        **_deep(TINY),
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -13,30 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT, make_conversations
+from tests.helpers import ROOT, TINY, make_conversations
 
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "near_duplicates": {"threshold": 0.9},
-    "validate": {"min_examples": 20},
-    "representation": {"min_category_share": 0.0},
-    "split": {"holdout_fraction": 0.2},
-    "train": {
-        "scratch": {"vocab_size": 400, "n_layer": 2, "n_head": 2, "n_embd": 32},
-        "max_seq_len": 64,
-        "per_device_train_batch_size": 4,
-        "max_steps": 6,
-        "warmup_steps": 0,
-        "logging_steps": 2,
-        "eval_steps": 3,
-        "save_steps": 3,
-        "eval_max_examples": 8,
-    },
-    "scoring": {"batch_size": 4, "max_examples": 16, "max_seq_len": 64},
-    "evaluate": {"prompts": 2, "max_new_tokens": 8, "generation_examples": 4},
-    "promote": {"max_perplexity": 1000.0, "max_perplexity_vs_baseline": None},
-}
 
 
 def _project(tmp_path: Path) -> Path:

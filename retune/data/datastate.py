@@ -13,9 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from retune.config import Params, to_plain
-from retune.errors import RetuneError
 from retune.artifacts import require_pipeline_run_id
+from retune.config import Params, to_plain
 from retune.release.tracking import resolved_uri
 
 if TYPE_CHECKING:

@@ -168,9 +168,9 @@ def _representation_outcome(
             for r in rare.itertuples()
         )
         problem += (
-            f", under representation.min_category_share={hyg.min_category_share:.1%}: add examples of "
-            "it, merge it into a related category, or lower representation.min_category_share in "
-            "params.yaml"
+            f", under representation.min_category_share={hyg.min_category_share:.1%}: add "
+            "examples of it, merge it into a related category, or lower "
+            "representation.min_category_share in params.yaml"
         )
     else:
         counts = df["language"].value_counts()

@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retune.config import ColumnsParams
-from retune.errors import IngestError
 from retune.data.readers import (
     MAX_DEPTH,
     PROGRESS_EVERY,
@@ -35,6 +34,7 @@ from retune.data.readers import (
     too_large,
     type_name,
 )
+from retune.errors import IngestError
 
 if TYPE_CHECKING:
     from retune.data.sink import Sink

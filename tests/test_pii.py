@@ -181,6 +181,13 @@ def test_many_texts_redact_as_one_and_keep_their_boundaries() -> None:
     assert counts == {"phone": 1}
 
 
+def test_a_secret_at_the_end_of_one_text_does_not_swallow_the_next() -> None:
+    # A secret's value runs to the next whitespace; the separator between texts is not one.
+    out, counts = Redactor(KINDS).redact_many(["my password=hunter22abc", "thanks"])
+    assert out == [redact("my password=hunter22abc")[0], "thanks"]
+    assert "hunter22abc" not in out[0] and counts["secret"] == 1
+
+
 class _Reads:
     """A compiled pattern that counts the characters its searches and matches read."""
 

@@ -302,11 +302,17 @@ class Redactor:
         if joined.count("\x00") != len(todo) - 1:  # a text of its own holds NUL
             results = [self.redact(t) for t in texts]
             return [t for t, _ in results], sum((c for _, c in results), Counter())
-        joined, counts = self.redact(joined)
+        redacted, counts = self.redact(joined)
         if not counts:
             return texts, counts
+        pieces = redacted.split("\x00")
+        if len(pieces) != len(todo):
+            # A match ran across the separator (a secret's value ends where whitespace does,
+            # and NUL is not whitespace): the texts are independent, so redact each alone.
+            results = [self.redact(t) for t in texts]
+            return [t for t, _ in results], sum((c for _, c in results), Counter())
         out = list(texts)
-        for i, t in zip(todo, joined.split("\x00"), strict=True):
+        for i, t in zip(todo, pieces, strict=True):
             out[i] = t
         return out, counts
 

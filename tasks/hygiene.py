@@ -178,17 +178,7 @@ def hygiene(
 
     print(f"hygiene: {len(flags):,} unsafe; sketching for near-duplicates", flush=True)
     order = pc.sort_indices(index, [("source", "ascending"), ("line", "ascending")]).to_numpy()
-    with dedup.sketch_batches(
-        (b.column(0) for b in _batches(prepared, ["text"])),
-        near.threshold,
-        near.num_perm,
-        near.shingle_words,
-    ) as sk:
-        t_sketch = time.perf_counter() - started - t_safety
-        matches = dedup.deduplicate(sk, order[~unsafe[order]])
-        pairs = dict(sk.stats)
-        lsh_bands, lsh_rows = sk.bands, sk.rows
-    t_dedup = time.perf_counter() - started - t_safety - t_sketch
+    matches, near_report, t_sketch, t_dedup = _near_duplicates(prepared, order, unsafe, near)
 
     duplicate = np.zeros(n, dtype=bool)
     duplicate[[m.index for m in matches]] = True
@@ -198,13 +188,7 @@ def hygiene(
     records_file = clean_dir / RECORDS_FILE
     n_kept = _write_clean(prepared, keep, records_file)
 
-    rows = _rows(index, set(flags) | {m.index for m in matches} | {m.of for m in matches})
-    changes = [(i, _log_unsafe(rows[i], flag)) for i, flag in flags.items()]
-    changes += [(m.index, _log_duplicate(rows[m.index], rows[m.of], m.similarity)) for m in matches]
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    changes.sort(key=lambda c: rank[c[0]])
-    n_logged = write_changes(clean_dir / CHANGES_FILE, (c for _, c in changes))
+    n_logged = _log_changes(index, order, flags, matches, clean_dir / CHANGES_FILE)
 
     removed = {"unsafe": int(unsafe.sum()), "near_duplicate": int(duplicate.sum())}
     accounted = n == n_kept + sum(removed.values()) == n_kept + n_logged
@@ -241,7 +225,6 @@ def hygiene(
     if chart_file is not None:
         representation.chart(rep, chars, chart_file)
 
-    by_source = _by_source(index.column("source"), unsafe, duplicate)
     elapsed = time.perf_counter() - started
     by_term = Counter(f.term for f in flags.values() if f.term is not None)
     report: dict[str, Any] = {
@@ -252,17 +235,7 @@ def hygiene(
         "accounted": accounted,
         "changes_logged": n_logged,
         "reasons": REASONS,
-        "near_duplicates": {
-            "threshold": near.threshold,
-            "num_perm": near.num_perm,
-            "shingle_words": near.shingle_words,
-            "lsh_bands": lsh_bands,
-            "lsh_rows": lsh_rows,
-            "candidate_pairs": pairs["candidate_pairs"],
-            "similar_pairs": pairs["similar_pairs"],
-            "removed": removed["near_duplicate"],
-            "representatives": len({m.of for m in matches}),
-        },
+        "near_duplicates": near_report | {"removed": removed["near_duplicate"]},
         "safety": {
             "threshold": cfg.safety_threshold,
             "blocklist_terms": len(cfg.blocklist),
@@ -272,7 +245,7 @@ def hygiene(
             "blocklist_hits": dict(by_term.most_common()),
             "sentences_scored": sentences,
         },
-        "by_source": by_source,
+        "by_source": _by_source(index.column("source"), unsafe, duplicate),
         "representation": rep,
         "seconds": {
             "safety": round(t_safety, 2),
@@ -301,6 +274,51 @@ def hygiene(
         removed=removed,
         report=report,
     )
+
+
+def _near_duplicates(
+    prepared: Path, order: np.ndarray, unsafe: np.ndarray, near: NearDuplicateParams
+) -> tuple[list[Any], dict[str, Any], float, float]:
+    """Near-duplicates among the safe records, first in (source, line) order kept: the
+    matches, the report's near_duplicates figures, and the sketch and dedup seconds."""
+    started = time.perf_counter()
+    with dedup.sketch_batches(
+        (b.column(0) for b in _batches(prepared, ["text"])),
+        near.threshold,
+        near.num_perm,
+        near.shingle_words,
+    ) as sk:
+        t_sketch = time.perf_counter() - started
+        matches = dedup.deduplicate(sk, order[~unsafe[order]])
+        pairs = dict(sk.stats)
+        figures = {
+            "threshold": near.threshold,
+            "num_perm": near.num_perm,
+            "shingle_words": near.shingle_words,
+            "lsh_bands": sk.bands,
+            "lsh_rows": sk.rows,
+            "candidate_pairs": pairs["candidate_pairs"],
+            "similar_pairs": pairs["similar_pairs"],
+            "representatives": len({m.of for m in matches}),
+        }
+    return matches, figures, t_sketch, time.perf_counter() - started - t_sketch
+
+
+def _log_changes(
+    index: pa.Table,
+    order: np.ndarray,
+    flags: dict[int, Flag],
+    matches: list[Any],
+    path: Path,
+) -> int:
+    """One change-log line per record removed, in input (source, line) order."""
+    rows = _rows(index, set(flags) | {m.index for m in matches} | {m.of for m in matches})
+    changes = [(i, _log_unsafe(rows[i], flag)) for i, flag in flags.items()]
+    changes += [(m.index, _log_duplicate(rows[m.index], rows[m.of], m.similarity)) for m in matches]
+    rank = np.empty(index.num_rows, dtype=np.int64)
+    rank[order] = np.arange(index.num_rows)
+    changes.sort(key=lambda c: rank[c[0]])
+    return write_changes(path, (c for _, c in changes))
 
 
 def _rows(index: pa.Table, wanted: set[int]) -> dict[int, dict[str, Any]]:

@@ -25,7 +25,9 @@ ROLES = ("system", "user", "assistant", "text")
 # A document: exactly one "text" message. Checked against the space-joined `roles` column.
 ROLE_ORDER_REGEX = r"^(text|(system )?user( assistant user)*( assistant)?)$"
 
-MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# `weight` is OpenAI's per-message fine-tuning weight: 0 leaves an assistant reply out of the
+# loss, 1 or null (the default) trains on it. Records written before the field read without it.
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.int8())])
 
 SCHEMA = pa.schema(
     [
@@ -52,6 +54,9 @@ class Record:
     format: str
     conversation_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Per message, in order: 0 or 1 where the input gave a `weight`, else None; () for none at
+    # all. Not part of the id: the same turns are the same conversation whatever is trained.
+    weights: tuple[int | None, ...] = ()
 
     @property
     def id(self) -> str:
@@ -63,7 +68,12 @@ class Record:
         return {
             "id": rid,
             "conversation_id": self.conversation_id or rid,
-            "messages": [{"role": r, "content": c} for r, c in self.messages],
+            "messages": [
+                {"role": r, "content": c, "weight": w}
+                for (r, c), w in zip(
+                    self.messages, self.weights or (None,) * len(self.messages), strict=True
+                )
+            ],
             "roles": " ".join(r for r, _ in self.messages),
             "text": text,
             "n_messages": len(self.messages),

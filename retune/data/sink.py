@@ -26,7 +26,8 @@ REASONS: dict[str, str] = {
     "invalid_utf8": "bytes that are not UTF-8; `raw_base64` keeps them exactly",
     "malformed_json": "a JSONL line, or a `messages` cell, that is not valid JSON",
     "missing_field": "no messages / prompt+completion / role / content, a value of the wrong type, "
-    "a table row whose field count differs from the header, or an unusable timestamp",
+    "a table row whose field count differs from the header, an unusable timestamp, or a message "
+    "`weight` that is not 0 or 1 or is on a message other than the assistant's",
     "unknown_role": "a role that is not system, user, assistant or text after ingest.role_map",
     "empty_text": "a message empty after cleaning (the whole conversation: a turn would be lost)",
     "too_long": "a message longer than ingest.max_message_chars",
@@ -205,6 +206,7 @@ class Sink:
         `rows`: a long table's rows, in file order; `message_rows`: the same in message order."""
         try:
             roles, contents = self._check(messages, message_rows)
+            weights, meta = _weights(meta, roles, message_rows)
         except Reject as rej:
             self.reject(st, rej.reason, rej.detail, line, raw, rows)
             return None
@@ -225,7 +227,7 @@ class Sink:
                 )
                 return None
         cleaned = tuple(zip(roles, contents, strict=True))
-        record = Record(cleaned, st.source, line, fmt, conversation_id, meta)
+        record = Record(cleaned, st.source, line, fmt, conversation_id, meta, weights)
         row = record.to_row()
         if self.text_chars is not None:
             low, high = self.text_chars
@@ -319,6 +321,45 @@ class Sink:
         st.quarantined += n
         self.by_reason[reason] += n
         self.entries += 1
+
+
+def _weights(
+    meta: dict[str, Any], roles: list[str], message_rows: list[int] | None
+) -> tuple[tuple[int | None, ...], dict[str, Any]]:
+    """The messages' `weight`s (OpenAI's fine-tuning format: 0 or 1, on assistant messages),
+    taken out of the per-message extras the readers keep in `meta["message_meta"]`; returns
+    them and `meta` without them. Reject for a weight train could not honour."""
+    extras = meta.get("message_meta")
+    if not isinstance(extras, list) or not any(
+        isinstance(e, dict) and "weight" in e for e in extras
+    ):
+        return (), meta
+    weights: list[int | None] = []
+    rest: list[Any] = []
+    for i, (extra, role) in enumerate(zip(extras, roles, strict=True), 1):
+        if not isinstance(extra, dict) or "weight" not in extra:
+            weights.append(None)
+            rest.append(extra)
+            continue
+        weight = extra["weight"]
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise Reject(
+                "missing_field",
+                f"{_at(i, message_rows)} ({role}) has weight {weight!r}; a weight is 0 (leave the "
+                "reply out of training) or 1 (train on it)",
+            )
+        if role != "assistant":
+            raise Reject(
+                "missing_field",
+                f"{_at(i, message_rows)} ({role}) has a weight; only assistant messages take one "
+                "(the replies are what is trained on): remove it",
+            )
+        weights.append(int(weight))
+        rest.append({k: v for k, v in extra.items() if k != "weight"})
+    kept = {k: v for k, v in meta.items() if k != "message_meta"}
+    if any(rest):
+        kept["message_meta"] = rest
+    return tuple(weights), kept
 
 
 def _at(i: int, message_rows: list[int] | None) -> str:

@@ -200,6 +200,10 @@ class TrainParams:
     eval_steps: Annotated[int, Field(ge=1)] = 100
     save_steps: Annotated[int, Field(ge=1)] = 100
     eval_max_examples: Annotated[int, Field(ge=1)] = 200
+    # What the loss trains on: "replies", each assistant message and the marker closing its
+    # turn, read off the base's own chat template (a message of weight 0 left out), or "all" the
+    # rendered text. Documents (role "text") train on all their text either way.
+    loss_on: Literal["replies", "all"] = "replies"
     resume: bool = True
     # bf16 autocast (weights and optimizer stay fp32): "auto" takes it where matmuls run natively
     # in bf16 (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere.

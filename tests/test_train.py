@@ -67,7 +67,10 @@ def test_records_are_packed_into_full_blocks_split_by_eos(
 ) -> None:
     _, tokenizer = load_pretrained(tiny_model_dir)
     train_file = split_params.paths.split / "train.parquet"
-    blocks = pack(train_file, tokenizer, 64, tmp_path / "cache")["input_ids"]
+    packed_all = pack(train_file, tokenizer, 64, tmp_path / "cache", loss_on="all")
+    blocks = packed_all["input_ids"]
+    # Under loss_on all every token is a target (tests/test_masks.py has the replies).
+    assert packed_all["labels"] == blocks
 
     stream: list[int] = []
     for messages in iter_messages(read_records(train_file)):

@@ -35,6 +35,7 @@ class PathsParams:
     model: Path = Path("models/candidate")
     checkpoints: Path = Path("models/checkpoints")
     reports: Path = Path("reports")
+    base_models: Path = Path("models/base")
 
 
 @dataclass(config=_STRICT)

@@ -35,6 +35,10 @@ data: setup ## write the sample corpus into data/incoming if it is empty
 run: data ## set up, then run the retraining flow end to end on data/incoming
 	$(BIN)/retune run
 
+BASE ?= smollm2-135m-instruct
+base: setup ## prepare a pretrained chat model for train.base_model (BASE=smollm2-135m-instruct)
+	$(BIN)/retune base $(BASE)
+
 repro: data ## reproduce the pipeline with DVC (skips stages whose inputs did not change)
 	$(BIN)/dvc repro
 
@@ -73,4 +77,4 @@ bench: setup ## run the benchmarks and write BENCHMARKS.md (tens of minutes)
 clean: ## remove generated outputs (keeps data/incoming, mlruns and .venv)
 	rm -rf data/prepared data/quarantine data/split models reports
 
-.PHONY: help setup data run repro test test-fast lint ui clean
+.PHONY: help setup data run base repro test test-fast lint ui clean

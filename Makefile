@@ -74,7 +74,7 @@ bench: setup ## run the benchmarks and write BENCHMARKS.md (tens of minutes)
 
 .PHONY: bench
 
-clean: ## remove generated outputs (keeps data/incoming, mlruns and .venv)
-	rm -rf data/prepared data/quarantine data/split models reports
+clean: ## remove generated outputs (keeps data/incoming, models/base, mlruns and .venv)
+	rm -rf data/prepared data/quarantine data/clean data/split models/candidate models/checkpoints reports
 
 .PHONY: help setup data run base repro test test-fast lint ui clean

@@ -259,15 +259,23 @@ class RegisterParams:
 
 @dataclass(config=_STRICT)
 class PromoteParams:
-    """The promotion gate: absolute thresholds, then the candidate against `production`."""
+    """The promotion gate: absolute thresholds, then the candidate against `production`.
+
+    The comparison is in `metric`'s unit. bits_per_byte is the holdout NLL in bits per UTF-8
+    byte of the text scored: the text is the same whatever the tokenizer, so a candidate with
+    another tokenizer than production's (a pretrained base against a scratch GPT-2) compares
+    fairly. perplexity compares nats per token, meaningful only when both share a tokenizer.
+    """
 
     # auto: the gate moves the `production` alias; propose: it sets `challenger` instead and a
     # person promotes with `retune promote <version>`.
     mode: Literal["auto", "propose"] = "auto"
-    # The primary metric (lower is better); only holdout perplexity is implemented.
-    metric: Literal["perplexity"] = "perplexity"
-    # Nats per token the bootstrap CI's lower bound of the improvement must exceed: 0 means
-    # "better beyond the noise", more demands a bigger step before production moves.
+    # The primary metric (lower is better): bits_per_byte (tokenizer-independent) or
+    # perplexity (per token).
+    metric: Literal["bits_per_byte", "perplexity"] = "bits_per_byte"
+    # What the bootstrap CI's lower bound of the improvement must exceed, in the metric's
+    # unit: bits per byte (bits_per_byte) or nats per token (perplexity). 0 means "better
+    # beyond the noise", more demands a bigger step before production moves.
     margin: Annotated[float, Field(ge=0.0)] = 0.0
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
     bootstrap_samples: Annotated[int, Field(ge=100)] = 2_000
@@ -277,6 +285,8 @@ class PromoteParams:
     max_perplexity_vs_baseline: Annotated[float, Field(gt=0.0)] | None = 1.0
     max_unsafe_share: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.05
     min_next_token_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    # Holdout bits per byte; unlike max_perplexity it means the same for any tokenizer.
+    max_bits_per_byte: Annotated[float, Field(gt=0.0)] | None = None
 
 
 @dataclass(config=_STRICT)

@@ -24,7 +24,15 @@ from retune.artifacts import (
 from retune.config import Params, PromoteParams, ScoringParams
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
-from retune.release.gate import Comparison, Decision, GateError, compare, decide, diverged
+from retune.release.gate import (
+    UNITS,
+    Comparison,
+    Decision,
+    GateError,
+    compare,
+    decide,
+    diverged,
+)
 from retune.release.registry import GATE_ACTOR, Registry, RegistryError, load_version
 
 if TYPE_CHECKING:
@@ -37,6 +45,8 @@ class PromoteResult:
     version: int
     outcome: str  # promote | propose | reject
     reason: str
+    metric: str  # promote.metric: what the candidate was compared with production in
+    unit: str  # the unit of the comparison's improvement, its CI and promote.margin
     forced: bool
     alias: str | None  # the alias moved to `version`, None when rejected
     not_applicable: list[str]  # absolute gates this data cannot be judged by, and why
@@ -133,7 +143,12 @@ def gate(
         _same_examples(candidate_scores, champion_scores, scores_source)
         champion_metrics = _numbers(aggregate(champion_scores))
         comparison = compare(
-            candidate_scores, champion_scores, cfg.confidence, cfg.bootstrap_samples, seed
+            candidate_scores,
+            champion_scores,
+            cfg.confidence,
+            cfg.bootstrap_samples,
+            seed,
+            metric=cfg.metric,
         )
     elif production is not None:
         # Production exists and was not scored (forced with no holdout, or a diverged candidate).
@@ -165,6 +180,8 @@ def gate(
         version=version,
         outcome=decision.outcome,
         reason=decision.reason,
+        metric=cfg.metric,
+        unit=UNITS[cfg.metric],
         forced=decision.forced,
         alias=decision.alias,
         not_applicable=list(decision.not_applicable),
@@ -193,10 +210,18 @@ def _log_to_pipeline_run(params: Params, result: PromoteResult) -> None:
         "gate.compared_version": str(result.compared_version or "none"),
         "gate.production": str(result.production or "none"),
     }
+    logged = (
+        "improvement",
+        "ci_low",
+        "ci_high",
+        "relative_improvement",
+        "champion_perplexity",
+        "champion_bits_per_byte",
+    )
     metrics = {
         f"gate.{k}": float(v)
         for k, v in (result.comparison or {}).items()
-        if k in ("improvement", "ci_low", "ci_high", "relative_improvement", "champion_perplexity")
+        if k in logged and v is not None
     }
     try:
         for key, value in tags.items():

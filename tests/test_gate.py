@@ -1,8 +1,11 @@
-"""The promotion gate's decision and its bootstrap: pure functions, no MLflow."""
+"""The promotion gate's decision and its bootstrap: pure functions and tiny models, no MLflow."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -11,16 +14,27 @@ import pytest
 from retune.config import PromoteParams
 from retune.release.gate import Comparison, GateError, check_absolute, compare, decide
 
-CFG = PromoteParams(max_perplexity=100.0, max_perplexity_vs_baseline=1.0, max_unsafe_share=0.05)
+# The per-token gate: what most of these tests pin (its wording in nats/token). The default
+# metric, bits per byte, has tests of its own below.
+CFG = PromoteParams(
+    metric="perplexity",
+    max_perplexity=100.0,
+    max_perplexity_vs_baseline=1.0,
+    max_unsafe_share=0.05,
+)
+PER_BYTE = dataclasses.replace(CFG, metric="bits_per_byte")
 GOOD = {"perplexity": 5.2, "perplexity_vs_baseline": 0.02, "unsafe_share": 0.0}
 
 
 def _comparison(improvement: float, low: float, high: float) -> Comparison:
     return Comparison(
+        metric="perplexity",
         n_examples=600,
         n_conversations=500,
         candidate_nll=1.6 - improvement,
         champion_nll=1.6,
+        candidate_bits_per_byte=None,
+        champion_bits_per_byte=None,
         improvement=improvement,
         ci_low=low,
         ci_high=high,
@@ -29,17 +43,22 @@ def _comparison(improvement: float, low: float, high: float) -> Comparison:
     )
 
 
-def _scores(nll: np.ndarray, tokens: np.ndarray, ids: list[str] | None = None) -> pa.Table:
+def _scores(
+    nll: np.ndarray,
+    tokens: np.ndarray,
+    ids: list[str] | None = None,
+    n_bytes: np.ndarray | None = None,
+) -> pa.Table:
+    """Per-example scores; without `n_bytes` they are what an earlier retune wrote."""
     ids = ids or [f"e{i:04d}" for i in range(len(nll))]
-    return pa.table(
-        {
-            "id": ids,
-            "conversation_id": [f"c{int(rid[1:]) // 2}" for rid in ids],  # two per conversation
-            "nll_sum": nll,
-            "n_tokens": tokens,
-            "n_correct": tokens // 3,
-        }
-    )
+    columns = {
+        "id": ids,
+        "conversation_id": [f"c{int(rid[1:]) // 2}" for rid in ids],  # two per conversation
+        "nll_sum": nll,
+        "n_tokens": tokens,
+        "n_correct": tokens // 3,
+    }
+    return pa.table({**columns, **({"n_bytes": n_bytes} if n_bytes is not None else {})})
 
 
 def test_the_first_model_is_promoted_when_it_passes_the_absolute_gates() -> None:
@@ -156,17 +175,23 @@ def test_bootstrap_finds_a_clearly_better_candidate() -> None:
     tokens = rng.integers(20, 120, 400)
     champion = rng.gamma(4.0, 0.4, 400) * tokens
     candidate = champion * 0.9 + rng.normal(0, 0.05, 400) * tokens
-    result = compare(_scores(candidate, tokens), _scores(champion, tokens), n_resamples=1000)
+    result = compare(
+        _scores(candidate, tokens), _scores(champion, tokens), n_resamples=1000, metric="perplexity"
+    )
     assert result.n_examples == 400 and result.n_conversations == 200
     assert 0 < result.ci_low < result.improvement < result.ci_high
     low, high = result.relative_ci
     assert 0 < low < result.relative < high < 1
     assert result.candidate_perplexity < result.champion_perplexity
     # Deterministic for a seed: the same gate run twice decides the same.
-    again = compare(_scores(candidate, tokens), _scores(champion, tokens), n_resamples=1000)
+    again = compare(
+        _scores(candidate, tokens), _scores(champion, tokens), n_resamples=1000, metric="perplexity"
+    )
     assert (again.ci_low, again.ci_high) == (result.ci_low, result.ci_high)
     # ... and the mirror image is clearly worse.
-    mirror = compare(_scores(champion, tokens), _scores(candidate, tokens), n_resamples=1000)
+    mirror = compare(
+        _scores(champion, tokens), _scores(candidate, tokens), n_resamples=1000, metric="perplexity"
+    )
     assert mirror.ci_high < 0
 
 
@@ -174,7 +199,7 @@ def test_identical_scores_give_a_ci_that_contains_zero() -> None:
     rng = np.random.default_rng(2)
     tokens = rng.integers(20, 120, 100)
     nll = rng.gamma(4.0, 0.4, 100) * tokens
-    result = compare(_scores(nll, tokens), _scores(nll.copy(), tokens))
+    result = compare(_scores(nll, tokens), _scores(nll.copy(), tokens), metric="perplexity")
     assert result.ci_low <= 0 <= result.ci_high and result.improvement == 0
     assert decide(GOOD, {"perplexity": 5.0}, result, CFG).outcome == "reject"
 
@@ -184,7 +209,9 @@ def test_noise_alone_is_not_called_an_improvement() -> None:
     tokens = rng.integers(20, 120, 200)
     base = rng.gamma(4.0, 0.4, 200) * tokens
     jitter = rng.normal(0, 0.3, 200) * tokens
-    result = compare(_scores(base + jitter, tokens), _scores(base - jitter, tokens))
+    result = compare(
+        _scores(base + jitter, tokens), _scores(base - jitter, tokens), metric="perplexity"
+    )
     assert result.ci_low < 0 < result.ci_high
 
 
@@ -193,20 +220,20 @@ def test_only_examples_both_models_scored_are_compared() -> None:
     nll = np.arange(1.0, 7.0) * 10
     candidate = _scores(nll, tokens)
     champion = _scores(nll[2:], tokens[2:], ids=[f"e{i:04d}" for i in range(2, 6)])
-    result = compare(candidate, champion)
+    result = compare(candidate, champion, metric="perplexity")
     assert result.n_examples == 4 and result.n_conversations == 2
     assert result.improvement == 0 and result.same_tokenization
     with pytest.raises(GateError, match="no holdout example in common"):
-        compare(candidate, _scores(nll[:1], tokens[:1], ids=["x0000"]))
+        compare(candidate, _scores(nll[:1], tokens[:1], ids=["x0000"]), metric="perplexity")
     with pytest.raises(GateError, match="only 1 holdout conversation"):
-        compare(candidate, _scores(nll[:2], tokens[:2]))
+        compare(candidate, _scores(nll[:2], tokens[:2]), metric="perplexity")
 
 
 def test_different_token_counts_are_flagged() -> None:
     rng = np.random.default_rng(4)
     tokens = rng.integers(20, 120, 40)
     nll = rng.gamma(4.0, 0.4, 40) * tokens
-    result = compare(_scores(nll, tokens + 1), _scores(nll, tokens))
+    result = compare(_scores(nll, tokens + 1), _scores(nll, tokens), metric="perplexity")
     assert not result.same_tokenization
     decision = decide(GOOD, {"perplexity": 5.0}, result, CFG)
     assert "tokenizers count the holdout's tokens differently" in decision.reason
@@ -232,7 +259,7 @@ def test_a_diverged_candidate_is_rejected_with_the_reason_never_a_crash() -> Non
     )
     # The paired bootstrap against production still works on such scores, and says worse.
     candidate, champion = _diverged_scores()
-    comparison = compare(candidate, champion, n_resamples=200)
+    comparison = compare(candidate, champion, n_resamples=200, metric="perplexity")
     assert comparison.candidate_perplexity == float("inf")
     assert comparison.relative == float("-inf") and comparison.ci_high < 0
     assert comparison.to_dict()["relative_ci_low"] == float("-inf")
@@ -265,3 +292,132 @@ def test_reply_gates_do_not_apply_to_a_holdout_without_conversations() -> None:
     # A measured unsafe_share is checked whatever the count says.
     unsafe = decide({**documents, "unsafe_share": 0.5}, None, None, CFG)
     assert unsafe.outcome == "reject" and unsafe.not_applicable == ()
+
+
+def _two_tokenizers(n: int = 60, seed: int = 6) -> tuple[pa.Table, pa.Table]:
+    """Production (a scratch GPT-2 with a small byte-level vocabulary: about 2 bytes a token,
+    1.2 bits a byte) and a candidate whose larger vocabulary cuts the same text into 4-byte
+    tokens and predicts it better, 1.0 bits a byte. Per token the candidate looks far worse
+    (perplexity about 16 against 5.3): each of its tokens carries twice the text."""
+    rng = np.random.default_rng(seed)
+    n_bytes = rng.integers(100, 400, n)
+    ln2 = math.log(2)
+    champion = _scores(
+        rng.normal(1.2, 0.05, n) * ln2 * n_bytes, n_bytes // 2, n_bytes=n_bytes.copy()
+    )
+    candidate = _scores(
+        rng.normal(1.0, 0.05, n) * ln2 * n_bytes, n_bytes // 4, n_bytes=n_bytes.copy()
+    )
+    return candidate, champion
+
+
+def test_across_tokenizers_the_gate_follows_bits_per_byte_not_per_token_perplexity() -> None:
+    candidate, champion = _two_tokenizers()
+    per_byte = compare(candidate, champion, n_resamples=500)  # the default metric
+    assert per_byte.metric == "bits_per_byte" and per_byte.unit == "bits/byte"
+    assert per_byte.candidate_bits_per_byte == pytest.approx(1.0, abs=0.02)
+    assert per_byte.champion_bits_per_byte == pytest.approx(1.2, abs=0.02)
+    # The figures per token disagree: the candidate's perplexity is about three times higher.
+    assert per_byte.candidate_perplexity > 2.5 * per_byte.champion_perplexity
+    assert 0 < per_byte.ci_low < per_byte.improvement < per_byte.ci_high
+    assert not per_byte.same_tokenization and per_byte.same_bytes
+    promoted = decide(GOOD, {"perplexity": 5.3}, per_byte, PER_BYTE, None, None, 1)
+    assert promoted.outcome == "promote"
+    assert promoted.reason.startswith("better than production v1 beyond the noise: holdout bits ")
+    assert "bits/byte (95% CI +0.1" in promoted.reason
+    assert "per-token perplexity" in promoted.reason and "does not compare" in promoted.reason
+    assert promoted.reason.endswith("exceeds promote.margin=0 bits/byte")
+    assert per_byte.to_dict()["unit"] == "bits/byte"
+    # The same models judged per token: the better model would have been refused.
+    per_token = compare(candidate, champion, n_resamples=500, metric="perplexity")
+    assert per_token.ci_high < 0
+    assert decide(GOOD, {"perplexity": 5.3}, per_token, CFG).outcome == "reject"
+
+
+def test_bits_per_byte_improvement_is_the_difference_of_ratios_of_sums() -> None:
+    # By hand: production 30 bits over 20 bytes (1.5), the candidate 20 bits over 20 (1.0).
+    ln2 = math.log(2)
+    bytes_ = np.array([8, 12, 5, 15])
+    champion = _scores(np.array([12, 18, 7.5, 22.5]) * ln2, np.array([4, 6, 3, 7]), None, bytes_)
+    candidate = _scores(np.array([8, 12, 5, 15]) * ln2, np.array([2, 3, 1, 4]), None, bytes_)
+    result = compare(candidate, champion)
+    assert result.candidate_bits_per_byte == pytest.approx(1.0)
+    assert result.champion_bits_per_byte == pytest.approx(1.5)
+    assert result.improvement == pytest.approx(0.5)
+    assert result.relative == pytest.approx(0.5 / 1.5)
+    # Every conversation is 1.5 against 1.0 bits a byte: no noise, the interval is the point.
+    assert result.ci_low == pytest.approx(0.5) and result.ci_high == pytest.approx(0.5)
+
+
+def test_the_margin_is_in_bits_per_byte_for_the_per_byte_gate() -> None:
+    comparison = compare(*_two_tokenizers(), n_resamples=500)
+    strict = dataclasses.replace(PER_BYTE, margin=0.25)  # more than the 0.2 bits/byte gained
+    decision = decide(GOOD, {"perplexity": 5.3}, comparison, strict)
+    assert decision.outcome == "reject"
+    assert "does not exceed promote.margin=0.25 bits/byte" in decision.reason
+    # A comparison in one unit is never judged by a margin in the other.
+    with pytest.raises(GateError, match="would be read in the wrong unit"):
+        decide(GOOD, {"perplexity": 5.3}, comparison, CFG)
+
+
+def test_scores_without_byte_counts_say_so_and_still_compare_per_token() -> None:
+    candidate, champion = _two_tokenizers()
+    old = candidate.drop_columns(["n_bytes"])  # reports/holdout_scores.parquet of an earlier run
+    with pytest.raises(GateError, match=r"no n_bytes column .* re-run `evaluate`"):
+        compare(old, champion)
+    per_token = compare(old, champion, n_resamples=200, metric="perplexity")
+    assert per_token.candidate_bits_per_byte is None and per_token.ci_high < 0
+
+
+def _tiny_model(out: Path, vocab_size: int) -> Path:
+    """An untrained 2-layer GPT-2 and a byte-level BPE tokenizer of `vocab_size` pieces trained
+    on the test corpus, saved with `save_pretrained`: a scratch-like model."""
+    from retune.config import ScratchModelParams
+    from retune.model.modeling import scratch_model, train_tokenizer
+    from tests.helpers import make_conversations
+
+    texts = [" ".join(c for _, c in conv) for conv in make_conversations(80)]
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    sizes = ScratchModelParams(vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)
+    scratch_model(sizes, tokenizer, max_seq_len=256).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_two_models_with_different_vocabularies_are_judged_per_byte(tmp_path: Path) -> None:
+    """Untrained models predict about uniformly over their vocabulary: ln V nats a token. The
+    larger vocabulary costs more per token, yet each of its tokens holds more text, so per
+    byte it is the better model; the gate, in bits per byte by default, says so."""
+    import torch
+
+    from retune.data.records import Record, write_records
+    from retune.model.modeling import load_pretrained
+    from retune.model.scoring import aggregate, score_examples
+    from tests.helpers import make_conversations
+
+    torch.manual_seed(0)
+    holdout = tmp_path / "holdout.parquet"
+    write_records(
+        (
+            Record(messages=tuple(c), source="h.jsonl", line=i + 1, format="chat_jsonl").to_row()
+            for i, c in enumerate(make_conversations(40, seed=3))
+        ),
+        holdout,
+    )
+
+    def scored(vocab_size: int) -> tuple[pa.Table, dict[str, Any]]:
+        model, tokenizer = load_pretrained(_tiny_model(tmp_path / str(vocab_size), vocab_size))
+        scores = score_examples(model, tokenizer, holdout, 40, 8, max_seq_len=256)
+        return scores, aggregate(scores)
+
+    (champion, production), (candidate, new) = scored(300), scored(600)
+    assert new["perplexity"] > production["perplexity"]  # per token the candidate is worse
+    assert new["bits_per_byte"] < production["bits_per_byte"]  # per byte it is better
+    assert new["n_tokens"] < production["n_tokens"] and new["n_bytes"] == production["n_bytes"]
+    cfg = PromoteParams(max_perplexity=None, max_perplexity_vs_baseline=None, max_unsafe_share=None)
+    comparison = compare(candidate, champion, n_resamples=500)
+    assert comparison.same_bytes and not comparison.same_tokenization
+    assert decide(new, production, comparison, cfg).outcome == "promote"
+    per_token = dataclasses.replace(cfg, metric="perplexity")
+    by_token = compare(candidate, champion, n_resamples=500, metric="perplexity")
+    assert decide(new, production, by_token, per_token).outcome == "reject"

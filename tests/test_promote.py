@@ -147,7 +147,14 @@ def test_the_gate_promotes_only_a_better_model_and_records_every_decision(
     worse = promote(params)
     assert worse.outcome == "reject" and worse.alias is None
     assert registry.production() == v1  # production did not move
-    assert worse.reason.startswith(f"worse than production v{v1}:")
+    assert worse.reason.startswith(f"worse than production v{v1}: holdout bits per byte ")
+    # The default gate compares bits per byte, and its report says so.
+    assert "bits/byte (95% CI" in worse.reason
+    assert (read_json(report)["metric"], read_json(report)["unit"]) == (
+        "bits_per_byte",
+        "bits/byte",
+    )
+    assert worse.comparison is not None and worse.comparison["unit"] == "bits/byte"
     tags = MlflowClient().get_model_version("retune-test", str(v2)).tags
     assert tags["gate.decision"] == "reject"
     assert tags["gate.reason"] == worse.reason

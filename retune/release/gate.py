@@ -1,7 +1,8 @@
 """The promotion gate's decision: absolute thresholds, then candidate vs champion with a CI.
 
 Pure logic (no MLflow): `tasks.promote` and `retune promote` feed it metrics and per-example
-holdout scores, and record what it decides.
+holdout scores, and record what it decides. The comparison is in bits per byte by default, so
+a candidate whose tokenizer differs from production's is judged on the same text, not tokens.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from retune.errors import RetuneError
 
 Outcome = Literal["promote", "propose", "reject"]
 ALIASES: dict[str, str] = {"promote": "production", "propose": "challenger"}
+# The unit of each `promote.metric`'s comparison (its improvement, CI and promote.margin).
+UNITS: dict[str, str] = {"bits_per_byte": "bits/byte", "perplexity": "nats/token"}
 
 # (setting in `promote`, metric in evaluate.json, which side of the threshold passes)
 ABSOLUTE_GATES: tuple[tuple[str, str, Literal["max", "min"]], ...] = (
     ("max_perplexity", "perplexity", "max"),
     ("max_perplexity_vs_baseline", "perplexity_vs_baseline", "max"),
+    ("max_bits_per_byte", "bits_per_byte", "max"),
     ("max_unsafe_share", "unsafe_share", "max"),
     ("min_next_token_accuracy", "next_token_accuracy", "min"),
 )
@@ -35,6 +39,7 @@ REPLY_METRICS = frozenset({"unsafe_share"})
 REPLY_EXAMPLES = "n_reply_examples"
 
 # Metrics a diverged training leaves infinite or NaN; any one of them rejects the candidate.
+# (bits_per_byte is NaN or inf exactly when mean_nll is: naming it too would add nothing.)
 DIVERGENCE_METRICS = ("perplexity", "mean_nll", "loss", "train_loss", "eval_loss")
 
 
@@ -44,20 +49,34 @@ class GateError(RetuneError):
 
 @dataclass(frozen=True)
 class Comparison:
-    """Candidate vs champion on the holdout examples both scored (per-token mean NLL, nats)."""
+    """Candidate vs champion on the holdout examples both scored.
 
+    `improvement` and its CI are in the unit of `metric` (`unit`): bits per UTF-8 byte of the
+    scored text (bits_per_byte), or mean NLL in nats per token (perplexity). Each model's own
+    per-token figure is kept either way, and its bits per byte when the scores have bytes.
+    """
+
+    metric: str  # promote.metric: bits_per_byte or perplexity
     n_examples: int
     n_conversations: int
-    candidate_nll: float
+    candidate_nll: float  # nats per token, over the model's own tokens
     champion_nll: float
-    improvement: float  # champion - candidate nats/token: above 0 the candidate is better
+    candidate_bits_per_byte: float | None  # None: scores without byte counts (perplexity only)
+    champion_bits_per_byte: float | None
+    improvement: float  # champion - candidate in `unit`: above 0 the candidate is better
     ci_low: float
     ci_high: float
     confidence: float
     n_resamples: int
     # False when the two tokenizers cut the holdout into different token counts: per-token
-    # figures then measure slightly different things (say so rather than hide it).
+    # figures then measure different things (say so rather than hide it).
     same_tokenization: bool = True
+    # False when the two scored different text (their windows or chat templates differ).
+    same_bytes: bool = True
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.metric]
 
     @property
     def candidate_perplexity(self) -> float:
@@ -69,18 +88,26 @@ class Comparison:
 
     @property
     def relative(self) -> float:
-        """How much lower the candidate's perplexity is, as a fraction of the champion's."""
-        return _relative(self.improvement)
+        """How much lower the candidate's perplexity (perplexity) or bits per byte
+        (bits_per_byte) is, as a fraction of the champion's."""
+        return self._relative(self.improvement)
 
     @property
     def relative_ci(self) -> tuple[float, float]:
         # A monotone map of the statistic, so the percentile interval maps over exactly.
-        return _relative(self.ci_low), _relative(self.ci_high)
+        return self._relative(self.ci_low), self._relative(self.ci_high)
+
+    def _relative(self, improvement: float) -> float:
+        if self.metric == "perplexity":
+            return _relative(improvement)
+        champion = self.champion_bits_per_byte
+        return improvement / champion if champion else math.nan
 
     def to_dict(self) -> dict[str, Any]:
         low, high = self.relative_ci
         return {
             **asdict(self),
+            "unit": self.unit,
             "candidate_perplexity": self.candidate_perplexity,
             "champion_perplexity": self.champion_perplexity,
             "relative_improvement": self.relative,
@@ -93,7 +120,7 @@ class Comparison:
 class Decision:
     outcome: Outcome
     reason: str  # one or two sentences with the numbers, as shown to users and stored as a tag
-    ci_low: float | None = None  # the improvement's CI (nats/token), when there was a champion
+    ci_low: float | None = None  # the improvement's CI (promote.metric's unit), if compared
     ci_high: float | None = None
     forced: bool = False
     failures: tuple[str, ...] = ()  # absolute gates the candidate missed
@@ -118,13 +145,31 @@ def _relative(improvement: float) -> float:
     return 1.0 - _exp(-improvement)
 
 
-def _per_conversation(table: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    cols = table.select(["id", "conversation_id", "nll_sum", "n_tokens"]).to_pydict()
-    return (
+class _Scores(NamedTuple):
+    ids: list[str]
+    conversation: np.ndarray
+    nll: np.ndarray
+    tokens: np.ndarray
+    bytes: np.ndarray | None  # None: scores an earlier retune wrote, without n_bytes
+
+
+def _columns(table: pa.Table, metric: str, who: str) -> _Scores:
+    """The per-example columns the comparison reads; bits per byte needs `n_bytes`."""
+    has_bytes = "n_bytes" in table.column_names
+    if metric == "bits_per_byte" and not has_bytes:
+        raise GateError(
+            f"{who}'s holdout scores have no n_bytes column (an earlier retune wrote them), so "
+            "they cannot be compared in bits per byte: re-run `evaluate` (or set "
+            "promote.metric: perplexity to compare per token)"
+        )
+    names = ["id", "conversation_id", "nll_sum", "n_tokens"] + (["n_bytes"] if has_bytes else [])
+    cols = table.select(names).to_pydict()
+    return _Scores(
         cols["id"],
         np.asarray(cols["conversation_id"], dtype=object),
         np.asarray(cols["nll_sum"], dtype=np.float64),
         np.asarray(cols["n_tokens"], dtype=np.float64),
+        np.asarray(cols["n_bytes"], dtype=np.float64) if has_bytes else None,
     )
 
 
@@ -139,20 +184,27 @@ def compare(
     confidence: float = 0.95,
     n_resamples: int = 2_000,
     seed: int = 0,
+    metric: str = "bits_per_byte",
 ) -> Comparison:
-    """Paired bootstrap of champion − candidate mean NLL per token over holdout conversations.
+    """Paired bootstrap of champion − candidate over holdout conversations, in `metric`'s unit.
 
-    Both tables hold per-example scores (`id`, `conversation_id`, `nll_sum`, `n_tokens`); only
-    ids both scored count. Examples of one conversation are resampled together, and the
-    statistic is a ratio of sums (total NLL / total tokens), so long conversations weigh by
-    their tokens as they do in perplexity.
+    Both tables hold per-example scores (`id`, `conversation_id`, `nll_sum`, `n_tokens`,
+    `n_bytes`: `retune.model.scoring.SCORES_SCHEMA`); only ids both scored count. Examples of
+    one conversation are resampled together, and the statistic is a ratio of sums: each
+    model's total NLL over its total bytes, in bits (bits_per_byte), or over its total tokens,
+    in nats (perplexity), so long conversations weigh by their bytes or tokens. Bits per byte
+    divides each model's NLL by the bytes of the text it scored, which do not depend on its
+    tokenizer: per-token units of two models are never mixed. Scores without `n_bytes` can be
+    compared per token only.
     """
     from scipy.stats import bootstrap
 
-    cand_ids, cand_conv, cand_nll, cand_tok = _per_conversation(candidate)
-    champ_ids, _, champ_nll, champ_tok = _per_conversation(champion)
-    champ_at = {rid: i for i, rid in enumerate(champ_ids)}
-    both = [(i, champ_at[rid]) for i, rid in enumerate(cand_ids) if rid in champ_at]
+    if metric not in UNITS:
+        raise GateError(f"promote.metric={metric!r} is unknown; use one of {', '.join(UNITS)}")
+    cand = _columns(candidate, metric, "the candidate")
+    champ = _columns(champion, metric, "production")
+    champ_at = {rid: i for i, rid in enumerate(champ.ids)}
+    both = [(i, champ_at[rid]) for i, rid in enumerate(cand.ids) if rid in champ_at]
     if not both:
         raise GateError(
             "the candidate and production scored no holdout example in common; both must be "
@@ -160,15 +212,20 @@ def compare(
         )
     ci_, hi_ = (np.asarray(idx, dtype=np.int64) for idx in zip(*both, strict=True))
     # An example with no predicted token adds nothing to either ratio; a NaN would poison it.
-    keep = (cand_tok[ci_] > 0) & (champ_tok[hi_] > 0)
-    keep &= np.isfinite(cand_nll[ci_]) & np.isfinite(champ_nll[hi_])
+    keep = (cand.tokens[ci_] > 0) & (champ.tokens[hi_] > 0)
+    keep &= np.isfinite(cand.nll[ci_]) & np.isfinite(champ.nll[hi_])
     ci_, hi_ = ci_[keep], hi_[keep]
-    conv = cand_conv[ci_]
+    conv = cand.conversation[ci_]
+    per_byte = metric == "bits_per_byte"
+    # Per byte: NLL over bytes, in bits. Per token: over tokens, in nats.
+    scale = 1.0 / math.log(2) if per_byte else 1.0
+    cand_den = cand.bytes if per_byte and cand.bytes is not None else cand.tokens
+    champ_den = champ.bytes if per_byte and champ.bytes is not None else champ.tokens
     data = (
-        _group_sums(conv, cand_nll[ci_]),
-        _group_sums(conv, cand_tok[ci_]),
-        _group_sums(conv, champ_nll[hi_]),
-        _group_sums(conv, champ_tok[hi_]),
+        _group_sums(conv, cand.nll[ci_] * scale),
+        _group_sums(conv, cand_den[ci_]),
+        _group_sums(conv, champ.nll[hi_] * scale),
+        _group_sums(conv, champ_den[hi_]),
     )
     n_conv = len(data[0])
     if n_conv < 2:
@@ -178,16 +235,16 @@ def compare(
         )
 
     def statistic(
-        c_nll: np.ndarray, c_tok: np.ndarray, p_nll: np.ndarray, p_tok: np.ndarray, axis: int = -1
+        c_nll: np.ndarray, c_den: np.ndarray, p_nll: np.ndarray, p_den: np.ndarray, axis: int = -1
     ) -> np.ndarray:
-        result: np.ndarray = p_nll.sum(axis=axis) / p_tok.sum(axis=axis) - c_nll.sum(
+        result: np.ndarray = p_nll.sum(axis=axis) / p_den.sum(axis=axis) - c_nll.sum(
             axis=axis
-        ) / c_tok.sum(axis=axis)
+        ) / c_den.sum(axis=axis)
         return result
 
     point = float(statistic(*data))
     if np.all(data[0] * data[3] == data[2] * data[1]):
-        # Identical per-conversation NLL per token: every resample is 0; scipy would warn that
+        # Identical per-conversation figures: every resample is 0; scipy would warn that
         # the distribution is degenerate, yet the answer is exactly known.
         low = high = point
     else:
@@ -203,17 +260,32 @@ def compare(
             rng=np.random.default_rng(seed),
         )
         low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    with_bytes = cand.bytes is not None and champ.bytes is not None
+
+    def per_byte_of(scores: _Scores, rows: np.ndarray) -> float | None:
+        if not with_bytes or scores.bytes is None:
+            return None
+        return float(scores.nll[rows].sum() / (math.log(2) * scores.bytes[rows].sum()))
+
     return Comparison(
+        metric=metric,
         n_examples=len(ci_),
         n_conversations=n_conv,
-        candidate_nll=float(data[0].sum() / data[1].sum()),
-        champion_nll=float(data[2].sum() / data[3].sum()),
+        candidate_nll=float(cand.nll[ci_].sum() / cand.tokens[ci_].sum()),
+        champion_nll=float(champ.nll[hi_].sum() / champ.tokens[hi_].sum()),
+        candidate_bits_per_byte=per_byte_of(cand, ci_),
+        champion_bits_per_byte=per_byte_of(champ, hi_),
         improvement=point,
         ci_low=low,
         ci_high=high,
         confidence=confidence,
         n_resamples=n_resamples,
-        same_tokenization=bool(np.array_equal(cand_tok[ci_], champ_tok[hi_])),
+        same_tokenization=bool(np.array_equal(cand.tokens[ci_], champ.tokens[hi_])),
+        same_bytes=bool(
+            cand.bytes is None
+            or champ.bytes is None
+            or np.array_equal(cand.bytes[ci_], champ.bytes[hi_])
+        ),
     )
 
 
@@ -306,16 +378,30 @@ def _interval(low: float, high: float) -> str:
 
 
 def _versus(comparison: Comparison, who: str) -> str:
-    pct = round(comparison.confidence * 100)
+    c = comparison
+    pct = round(c.confidence * 100)
+    per_token = c.metric == "perplexity"
+    if per_token:
+        figures = f"perplexity {c.candidate_perplexity:.3f} vs {who}'s {c.champion_perplexity:.3f}"
+    else:
+        figures = (
+            f"bits per byte {c.candidate_bits_per_byte:.4f} vs {who}'s "
+            f"{c.champion_bits_per_byte:.4f}"
+        )
     text = (
-        f"holdout perplexity {comparison.candidate_perplexity:.3f} vs {who}'s "
-        f"{comparison.champion_perplexity:.3f} on the same {comparison.n_conversations} "
-        f"conversations: {_lower(comparison.relative)} ({pct}% CI "
-        f"{_interval(*comparison.relative_ci)}); improvement {comparison.improvement:+.4f} "
-        f"nats/token ({pct}% CI {comparison.ci_low:+.4f} to {comparison.ci_high:+.4f})"
+        f"holdout {figures} on the same {c.n_conversations} conversations: "
+        f"{_lower(c.relative)} ({pct}% CI {_interval(*c.relative_ci)}); improvement "
+        f"{c.improvement:+.4f} {c.unit} ({pct}% CI {c.ci_low:+.4f} to {c.ci_high:+.4f})"
     )
-    if not comparison.same_tokenization:
+    if per_token and not c.same_tokenization:
         text += " [the two tokenizers count the holdout's tokens differently]"
+    elif not c.same_tokenization:
+        text += (
+            " [different tokenizers: per-token perplexity "
+            f"{c.candidate_perplexity:.3f} vs {c.champion_perplexity:.3f} does not compare]"
+        )
+    if not per_token and not c.same_bytes:
+        text += " [the two scored different stretches of text: their windows or templates differ]"
     return text
 
 
@@ -335,12 +421,17 @@ def decide(
       metric this data cannot have (`check_absolute`) does not apply, and the reason says so.
     - With no production yet (`champion_metrics` None), passing the gates is enough.
     - Otherwise it must beat production by more than the noise: the lower bound of the
-      bootstrap CI of the improvement (nats/token) must exceed `cfg.margin`.
+      bootstrap CI of the improvement (in `cfg.metric`'s unit: bits/byte or nats/token) must
+      exceed `cfg.margin`.
     - `cfg.mode` "propose" turns a promotion into a proposal (alias `challenger`).
     - `forced` (a person's override, `reason` required) promotes whatever the gate says.
     """
-    if cfg.metric != "perplexity":  # pragma: no cover - the schema allows only perplexity
-        raise GateError(f"promote.metric={cfg.metric!r} is not implemented; use perplexity")
+    if comparison is not None and comparison.metric != cfg.metric:
+        raise GateError(
+            f"the comparison is in {comparison.metric} but promote.metric={cfg.metric}: "
+            "promote.margin would be read in the wrong unit"
+        )
+    unit = UNITS[cfg.metric]
     who = f"production v{compared_version}" if compared_version is not None else "production"
     ci_low = comparison.ci_low if comparison is not None else None
     ci_high = comparison.ci_high if comparison is not None else None
@@ -363,7 +454,7 @@ def decide(
         verdict = "promote"
         text = (
             f"better than {who} beyond the noise: {_versus(comparison, who)}; the CI's lower "
-            f"bound exceeds promote.margin={cfg.margin:g}"
+            f"bound exceeds promote.margin={cfg.margin:g} {unit}"
         )
     elif comparison.ci_high < 0:
         verdict, text = "reject", f"worse than {who}: {_versus(comparison, who)}"
@@ -371,7 +462,8 @@ def decide(
         verdict = "reject"
         text = (
             f"not better than {who} beyond the noise: {_versus(comparison, who)}; the CI's "
-            f"lower bound {comparison.ci_low:+.4f} does not exceed promote.margin={cfg.margin:g}"
+            f"lower bound {comparison.ci_low:+.4f} does not exceed promote.margin="
+            f"{cfg.margin:g} {unit}"
         )
     if not_applicable and divergence is None:
         text += "; " + "; ".join(not_applicable)

@@ -136,6 +136,7 @@ EVALUATE_REPORT = Artifact(
     headline=(
         "perplexity",
         "perplexity_vs_baseline",
+        "bits_per_byte",
         "next_token_accuracy",
         "rouge_l",
         "chrf",
@@ -216,7 +217,8 @@ PIPELINE = (
         "Score the model on the holdout against a unigram baseline.",
         reads=(MODEL, TRAIN_SPLIT, HOLDOUT_SPLIT, TRAIN_REPORT),
         writes=(HOLDOUT_SCORES, GENERATIONS, EVALUATE_REPORT),
-        params=("evaluate", "scoring"),
+        # train.base_model: a pretrained base is scored too, to show what fine-tuning bought.
+        params=("evaluate", "scoring", "train.base_model"),
     ),
     Stage(
         "register",

@@ -1,7 +1,8 @@
 """Stage `evaluate`: score the fine-tuned model on the holdout against a unigram baseline.
 
 Runs as `python -m tasks.evaluate` (the dvc.yaml stage) and as `evaluate_task` in Prefect flows.
-Writes per-example scores (which a promotion gate can bootstrap over) and scored generations.
+Writes per-example scores (which a promotion gate can bootstrap over) and scored generations;
+a pretrained base is scored too, so the report shows what fine-tuning bought.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from retune.entry import stage_main, stage_task
 from retune.errors import MissingInputError, RetuneError
 from retune.model.scoring import (
     aggregate,
+    bits_per_byte,
     encode,
     max_positions,
     score_examples,
@@ -47,8 +49,14 @@ class EvaluateResult:
     next_token_accuracy: float
     baseline_perplexity: float
     perplexity_vs_baseline: float  # model / baseline: below 1 means the model beats unigrams
+    # NLL in bits per UTF-8 byte of the scored text (retune.model.scoring.score_examples): the
+    # same text whatever the tokenizer, so it compares models that tokenize differently.
+    bits_per_byte: float
+    baseline_bits_per_byte: float  # the unigram baseline on the same tokens and bytes
+    bits_per_byte_vs_baseline: float  # model / baseline
     n_examples: int
     n_tokens: int
+    n_bytes: int
     mean_nll: float
     # Holdout records with an assistant turn: what replies can be generated for. 0 (documents
     # only) tells the gate that reply metrics cannot exist, rather than that they went missing.
@@ -61,6 +69,10 @@ class EvaluateResult:
     mean_reply_words: float | None
     empty_reply_share: float | None
     unsafe_share: float | None
+    # The pretrained base itself (train.base_model) on the same examples, before fine-tuning;
+    # None for a scratch model, which has no base to score.
+    base_bits_per_byte: float | None
+    base_perplexity: float | None
     scores_file: Path
     generations_file: Path
 
@@ -79,20 +91,24 @@ def unigram_counts(sequences: Sequence[Sequence[int]], vocab_size: int) -> np.nd
     return counts
 
 
-def unigram_perplexity(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:
-    """Perplexity on the `eval_counts` tokens of a unigram model fitted to `train_counts`.
+def unigram_nll(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:
+    """Summed NLL (nats) of the `eval_counts` tokens under a unigram model of `train_counts`.
 
     Add-one (Laplace) smoothing over the whole vocabulary (`len(train_counts)`): p(t) =
     (c_t + 1) / (N + V), so a token never seen in train still has a finite cost.
     """
     if train_counts.shape != eval_counts.shape:
         raise ValueError(f"vocabularies differ: {train_counts.shape} vs {eval_counts.shape}")
-    n_eval = int(eval_counts.sum())
-    if n_eval == 0:
+    if int(eval_counts.sum()) == 0:
         raise ValueError("no evaluation tokens to score the unigram baseline on")
     log_p = np.log(train_counts + 1.0) - math.log(float(train_counts.sum()) + len(train_counts))
-    mean_nll = -float(np.dot(eval_counts.astype(np.float64), log_p)) / n_eval
-    return math.exp(mean_nll)
+    return -float(np.dot(eval_counts.astype(np.float64), log_p))
+
+
+def unigram_perplexity(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:
+    """Perplexity on the `eval_counts` tokens of a unigram model fitted to `train_counts`
+    (`unigram_nll` per token)."""
+    return math.exp(unigram_nll(train_counts, eval_counts) / int(eval_counts.sum()))
 
 
 def count_reply_examples(holdout_file: Path) -> int:
@@ -115,6 +131,29 @@ def _train_counts(train_file: Path, tokenizer: Any, max_len: int) -> np.ndarray:
     return counts
 
 
+def score_base(base_model: str, holdout_file: Path, scoring: ScoringParams) -> dict[str, float]:
+    """Bits per byte and perplexity of the pretrained `base_model` (train.base_model) itself on
+    the holdout examples the fine-tuned model is scored on: what fine-tuning started from."""
+    import torch
+
+    from retune.model.modeling import load_pretrained
+
+    model, tokenizer = load_pretrained(base_model)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    figures = aggregate(
+        score_examples(
+            model,
+            tokenizer,
+            holdout_file,
+            scoring.max_examples,
+            scoring.batch_size,
+            scoring.max_seq_len,
+            log_prefix="evaluate: base",
+        )
+    )
+    return {k: float(figures[k]) for k in ("bits_per_byte", "perplexity")}
+
+
 def score(
     model_dir: Path,
     holdout_file: Path,
@@ -123,13 +162,15 @@ def score(
     scoring: ScoringParams,
     scores_file: Path,
     generations_file: Path,
+    base_model: str = "scratch",
 ) -> EvaluateResult:
     """Score the model in `model_dir` on up to `scoring.max_examples` holdout records.
 
     Reads the model, the holdout and (for the unigram baseline) the train split; writes
     per-example scores to `scores_file` (Parquet, `retune.model.scoring.SCORES_SCHEMA`) and greedy
     replies to `cfg.generation_examples` holdout prompts, scored against the references, to
-    `generations_file` (CSV, `retune.model.scoring.GENERATION_COLUMNS`).
+    `generations_file` (CSV, `retune.model.scoring.GENERATION_COLUMNS`). A pretrained
+    `base_model` (train.base_model other than "scratch") is scored on the same examples too.
     """
     import torch
 
@@ -162,7 +203,14 @@ def score(
     print("evaluate: counting the unigram baseline over the train split", flush=True)
     selected = select_holdout(holdout_file, scoring.max_examples).column("messages").to_pylist()
     eval_counts = unigram_counts(encode(tokenizer, selected, max_len), len(tokenizer))
-    baseline = unigram_perplexity(_train_counts(train_file, tokenizer, max_len), eval_counts)
+    baseline_nll = unigram_nll(_train_counts(train_file, tokenizer, max_len), eval_counts)
+    baseline = math.exp(baseline_nll / int(eval_counts.sum()))
+    # The baseline predicts the very tokens scored above, so it covers the very same bytes.
+    baseline_bpb = bits_per_byte(baseline_nll, int(figures["n_bytes"]))
+    base = None
+    if base_model != "scratch":
+        print(f"evaluate: scoring the base model {base_model} before fine-tuning", flush=True)
+        base = score_base(base_model, holdout_file, scoring)
 
     replies = score_replies(
         model,
@@ -185,8 +233,12 @@ def score(
         next_token_accuracy=float(figures["next_token_accuracy"]),
         baseline_perplexity=baseline,
         perplexity_vs_baseline=float(figures["perplexity"]) / baseline,
+        bits_per_byte=float(figures["bits_per_byte"]),
+        baseline_bits_per_byte=baseline_bpb,
+        bits_per_byte_vs_baseline=float(figures["bits_per_byte"]) / baseline_bpb,
         n_examples=int(figures["n_examples"]),
         n_tokens=int(figures["n_tokens"]),
+        n_bytes=int(figures["n_bytes"]),
         mean_nll=float(figures["mean_nll"]),
         n_reply_examples=count_reply_examples(holdout_file),
         n_generated=int(replies["n_generated"]),
@@ -197,6 +249,8 @@ def score(
         mean_reply_words=reply("mean_reply_words"),
         empty_reply_share=reply("empty_reply_share"),
         unsafe_share=reply("unsafe_share"),
+        base_bits_per_byte=base["bits_per_byte"] if base is not None else None,
+        base_perplexity=base["perplexity"] if base is not None else None,
         scores_file=scores_file,
         generations_file=generations_file,
     )
@@ -249,6 +303,7 @@ def run(params: Params) -> EvaluateResult:
         scoring=params.scoring,
         scores_file=HOLDOUT_SCORES.path(params),
         generations_file=GENERATIONS.path(params),
+        base_model=params.train.base_model,
     )
     # Compute alone (loading, scoring, generating), apart from MLflow logging: what the
     # overhead benchmark subtracts from the flow's wall time.
@@ -260,9 +315,17 @@ def run(params: Params) -> EvaluateResult:
     print(
         f"evaluate: perplexity {result.perplexity:.2f} (unigram baseline "
         f"{result.baseline_perplexity:.2f}, ratio {result.perplexity_vs_baseline:.3f}), "
-        f"next-token accuracy {result.next_token_accuracy:.3f} over {result.n_tokens} tokens",
+        f"bits per byte {result.bits_per_byte:.3f} (baseline "
+        f"{result.baseline_bits_per_byte:.3f}), next-token accuracy "
+        f"{result.next_token_accuracy:.3f} over {result.n_tokens} tokens",
         flush=True,
     )
+    if result.base_bits_per_byte is not None:
+        print(
+            f"evaluate: the base model before fine-tuning: bits per byte "
+            f"{result.base_bits_per_byte:.3f}, perplexity {result.base_perplexity:.2f}",
+            flush=True,
+        )
     if result.n_generated:
         print(
             f"evaluate: {result.n_generated} replies: ROUGE-L {result.rouge_l:.3f}, "

@@ -16,9 +16,9 @@ import tasks.split
 from retune.config import Params
 from retune.errors import RetuneError
 from retune.model.metrics import NAMES, load_metric, metric_path
-from retune.model.scoring import GENERATION_COLUMNS, SCORES_SCHEMA
+from retune.model.scoring import GENERATION_COLUMNS, SCORES_SCHEMA, bits_per_byte
 from retune.reports import read_json, write_json
-from tasks.evaluate import run, unigram_counts, unigram_perplexity
+from tasks.evaluate import run, unigram_counts, unigram_nll, unigram_perplexity
 
 REPLY_KEYS = {
     "rouge_l",
@@ -81,6 +81,11 @@ def test_unigram_baseline_matches_hand_computation() -> None:
     expected = math.exp(-(math.log(3 / 7) + math.log(1 / 7)) / 2)  # = 7 / sqrt(3)
     assert unigram_perplexity(train, held) == pytest.approx(expected)
     assert expected == pytest.approx(7 / math.sqrt(3))
+    # The same two targets as 5 bytes of text: -log2(3/7) - log2(1/7) bits over 5 bytes.
+    nll = unigram_nll(train, held)
+    assert nll == pytest.approx(-math.log(3 / 7) - math.log(1 / 7))
+    assert bits_per_byte(nll, 5) == pytest.approx((-math.log2(3 / 7) - math.log2(1 / 7)) / 5)
+    assert math.isnan(bits_per_byte(nll, 0))
 
 
 def _pipeline(params: Params, tiny_model_dir: Path) -> None:
@@ -126,6 +131,18 @@ def test_stage_scores_holdout_and_logs_into_the_pipeline_run(
     assert result.perplexity == pytest.approx(math.exp(nll.sum() / tokens.sum()))
     correct = scores.column("n_correct").to_numpy()
     assert result.next_token_accuracy == pytest.approx(correct.sum() / tokens.sum())
+    n_bytes = scores.column("n_bytes").to_numpy()
+    assert n_bytes.sum() == result.n_bytes > tokens.sum()
+    assert result.bits_per_byte == pytest.approx(nll.sum() / (math.log(2) * n_bytes.sum()))
+    # The baseline is scored on the same tokens and bytes: per byte and per token its ratio
+    # to the model is the ratio of the two total NLLs alike.
+    assert result.baseline_bits_per_byte / result.bits_per_byte == pytest.approx(
+        math.log(result.baseline_perplexity) / math.log(result.perplexity)
+    )
+    assert result.bits_per_byte_vs_baseline == pytest.approx(
+        result.bits_per_byte / result.baseline_bits_per_byte
+    )
+    assert result.base_bits_per_byte is None  # a scratch model has no base to score
 
     # Every holdout conversation (all have a reply) up to the generation budget is replied to.
     with result.generations_file.open(encoding="utf-8") as fh:
@@ -148,9 +165,16 @@ def test_stage_scores_holdout_and_logs_into_the_pipeline_run(
     assert report["perplexity"] == pytest.approx(result.perplexity)
     assert REPLY_KEYS | {"n_generated"} <= set(report)
     assert report["n_generated"] == len(rows)
+    for key in ("bits_per_byte", "baseline_bits_per_byte", "bits_per_byte_vs_baseline"):
+        assert report[key] == pytest.approx(getattr(result, key))
+    assert not {"base_bits_per_byte", "base_perplexity"} & set(report)
     logged = mlflow.get_run(run_id)
     assert logged.data.metrics["perplexity"] == pytest.approx(result.perplexity)
     assert logged.data.metrics["baseline_perplexity"] == pytest.approx(result.baseline_perplexity)
+    assert logged.data.metrics["bits_per_byte"] == pytest.approx(result.bits_per_byte)
+    assert logged.data.metrics["baseline_bits_per_byte"] == pytest.approx(
+        result.baseline_bits_per_byte
+    )
     for key in REPLY_KEYS:
         assert logged.data.metrics[key] == pytest.approx(report[key])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
@@ -181,6 +205,26 @@ def test_model_outside_the_pipeline_gets_its_own_run(
     assert not REPLY_KEYS & set(logged.data.metrics)
     header = result.generations_file.read_text(encoding="utf-8").strip()
     assert header == ",".join(GENERATION_COLUMNS)
+
+
+@pytest.mark.slow
+def test_a_pretrained_base_is_scored_on_the_same_examples(
+    prepared: Params, tiny_model_dir: Path
+) -> None:
+    # The tiny model stands in for both the base and the fine-tuned result (no steps taken),
+    # so the base scores exactly what the model does.
+    params = dataclasses.replace(
+        prepared,
+        train=dataclasses.replace(prepared.train, base_model=str(tiny_model_dir)),
+        evaluate=dataclasses.replace(prepared.evaluate, generation_examples=0),
+    )
+    _pipeline(params, tiny_model_dir)
+    result = run(params)
+    assert result.base_bits_per_byte == pytest.approx(result.bits_per_byte)
+    assert result.base_perplexity == pytest.approx(result.perplexity)
+    report = read_json(params.paths.reports / "evaluate.json")
+    assert report["base_bits_per_byte"] == pytest.approx(result.bits_per_byte)
+    assert report["base_perplexity"] == pytest.approx(result.perplexity)
 
 
 def test_missing_model_names_the_setting_and_the_fix(prepared: Params) -> None:

@@ -102,7 +102,7 @@ def encode_with_bytes(
         ]
     ids = _closed(tokenizer, rows, max_len)
     # The eos `_closed` appends is no text: 0 bytes.
-    return ids, [(size + [0])[: len(row)] for size, row in zip(sizes, ids, strict=True)]
+    return ids, [[*size, 0][: len(row)] for size, row in zip(sizes, ids, strict=True)]
 
 
 def _offset_bytes(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:

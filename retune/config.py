@@ -184,6 +184,18 @@ class ScratchModelParams:
 
 
 @dataclass(config=_STRICT)
+class LoraParams:
+    """A LoRA adapter on a pretrained base (`train.adapter: lora`): what trains instead of it."""
+
+    r: Annotated[int, Field(ge=1)] = 16
+    alpha: Annotated[int, Field(ge=1)] = 32  # the update is scaled by alpha / r
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    # Module names to adapt; null takes the base family's: q_proj/v_proj (Llama, Qwen2,
+    # Mistral), c_attn (GPT-2), qkv_proj (Phi-3), ... (retune.model.adapters).
+    target_modules: tuple[str, ...] | None = None
+
+
+@dataclass(config=_STRICT)
 class TrainParams:
     # "scratch", a local save_pretrained directory, or a hub id (online only).
     base_model: str = "scratch"
@@ -205,10 +217,22 @@ class TrainParams:
     # turn, read off the base's own chat template (a message of weight 0 left out), or "all" the
     # rendered text. Documents (role "text") train on all their text either way.
     loss_on: Literal["replies", "all"] = "replies"
+    # none: every weight of the model trains; lora: only a LoRA adapter (`lora`) on a pretrained
+    # base, merged into it when saved, so every later stage loads a plain model.
+    adapter: Literal["none", "lora"] = "none"
+    lora: LoraParams = field(default_factory=LoraParams)
     resume: bool = True
     # bf16 autocast (weights and optimizer stay fp32): "auto" takes it where matmuls run natively
     # in bf16 (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.adapter == "lora" and self.base_model == "scratch":
+            raise ValueError(
+                "train.adapter=lora needs a pretrained train.base_model (a save_pretrained folder "
+                "or a hub id): the scratch model starts from random weights, which must all "
+                "train (train.adapter: none)"
+            )
 
 
 @dataclass(config=_STRICT)
@@ -442,6 +466,9 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "unexpected_keyword_argument":
                 lines.append(f"  {key}: unknown key (remove it or fix its spelling)")
+            elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
+                # A section's own check of settings that conflict: the message names them.
+                lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
             else:
                 lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(f"{source} has invalid settings:\n" + "\n".join(lines)) from None

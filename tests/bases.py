@@ -1,17 +1,27 @@
-"""Tiny pretrained-style bases of several families for the tests: random weights from a config,
-a small byte-level BPE tokenizer carrying the family's special tokens and its real chat template,
-saved with `save_pretrained` so they load through the users' path (`load_pretrained(dir)`).
+"""What the training tests share: tiny pretrained-style bases of several families (random
+weights from a config, a small byte-level BPE tokenizer carrying the family's special tokens and
+its real chat template, saved with `save_pretrained` so they load through the users' path), a
+corpus written straight into the split stage's files, the train core on them, and a stand-in
+for a process killed mid-run.
 
-Used by tests/test_masks.py, tests/test_lora.py and tests/test_early_stopping.py.
+Used by tests/test_train.py, tests/test_masks.py, tests/test_lora.py and
+tests/test_early_stopping.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
+from retune.config import Params
+from retune.data.records import Record, write_records
 from retune.model.chat import CHAT_TEMPLATE
+from retune.model.training import TrainResult, train
 from tests.helpers import make_conversations
 
 # SmolLM2-Instruct's template (Qwen2-Instruct's is the same with its own default system prompt).
@@ -208,3 +218,54 @@ def save_tiny_base(name: str, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def chats(n: int) -> list[list[dict[str, Any]]]:
+    """`make_conversations(n)` as chat-template messages."""
+    return [[{"role": r, "content": c} for r, c in conv] for conv in make_conversations(n)]
+
+
+def write_split(params: Params, conversations: list[list[dict[str, Any]]]) -> None:
+    """`conversations` as the split stage's train file (from support.jsonl, line i + 1), and
+    their last 8 as its holdout, with any message `weight`s."""
+    rows = [
+        Record(
+            messages=tuple((m["role"], m["content"]) for m in conv),
+            source="support.jsonl",
+            line=i + 1,
+            format="chat_jsonl",
+            weights=tuple(m.get("weight") for m in conv),
+        ).to_row()
+        for i, conv in enumerate(conversations)
+    ]
+    write_records(rows, params.paths.split / "train.parquet")
+    write_records(rows[-8:], params.paths.split / "holdout.parquet")
+
+
+def train_core(params: Params, callbacks: Sequence[Any] = (), **overrides: Any) -> TrainResult:
+    """`train` on the split files of `params`, its train section changed by `overrides`."""
+    paths = params.paths
+    return train(
+        dataclasses.replace(params.train, **overrides),
+        params.seed,
+        paths.split / "train.parquet",
+        paths.split / "holdout.parquet",
+        paths.model,
+        paths.checkpoints,
+        callbacks=callbacks,
+    )
+
+
+class Interrupted(Exception):
+    pass
+
+
+class KillAfterCheckpoint(TrainerCallback):
+    """Stands in for a killed process: raises right after `step`'s checkpoint is written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            raise Interrupted

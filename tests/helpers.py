@@ -7,7 +7,11 @@ Imported by the tests and their fixtures (tests/conftest.py), e.g.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +93,14 @@ def tiny_params_for(tmp: Path, **sections: dict) -> Params:
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return parse_params(raw)
+
+
+def run_in_fresh_process(code: str, tracking_uri: str) -> Any:
+    """Run Python `code` in a new interpreter on the MLflow store `tracking_uri`, offline, as a
+    user loading a registered model would; return the JSON its last output line prints."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -14,15 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from retune.config import IngestParams, Params
-from retune.data.records import Record, read_records, write_records
+from retune.data.records import read_records
 from retune.errors import BaseModelError, DataValidationError
 from retune.model import masks
 from retune.model.chat import render
 from retune.model.modeling import load_pretrained
 from retune.model.training import pack, train
 from tasks.ingest import ingest
-from tests.bases import CHATML, FAMILIES, family_tokenizer, save_tiny_base
-from tests.helpers import make_conversations
+from tests.bases import CHATML, FAMILIES, chats, family_tokenizer, save_tiny_base, write_split
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -31,10 +30,6 @@ CONVERSATION = [
     {"role": "user", "content": "Thank you, that helped."},
     {"role": "assistant", "content": "Glad to help!"},
 ]
-
-
-def chats(n: int) -> list[list[dict[str, Any]]]:
-    return [[{"role": r, "content": c} for r, c in conv] for conv in make_conversations(n)]
 
 
 def _turns(name: str) -> list[dict[str, Any]]:
@@ -212,28 +207,13 @@ def test_records_written_before_the_weight_field_still_pack(tmp_path: Path) -> N
     assert 0 < sum(t != -100 for t in labels) < len(labels)
 
 
-def _write(params: Params, conversations: list[list[dict[str, Any]]]) -> None:
-    rows = []
-    for i, conv in enumerate(conversations):
-        record = Record(
-            messages=tuple((m["role"], m["content"]) for m in conv),
-            source="support.jsonl",
-            line=i + 1,
-            format="chat_jsonl",
-            weights=tuple(m.get("weight") for m in conv),
-        )
-        rows.append(record.to_row())
-    write_records(rows, params.paths.split / "train.parquet")
-    write_records(rows[-8:], params.paths.split / "holdout.parquet")
-
-
 def test_records_with_nothing_to_train_on_stop_train_before_any_step(
     tiny_params: Params,
 ) -> None:
     conversations = chats(40)
     conversations[3] = [{"role": "user", "content": "Is anyone there?"}]  # no reply
     conversations[10][1]["weight"] = 0  # its only reply left out
-    _write(tiny_params, conversations)
+    write_split(tiny_params, conversations)
     paths = tiny_params.paths
 
     with pytest.raises(DataValidationError) as caught:
@@ -272,7 +252,7 @@ def test_pretrained_bases_of_each_family_train_on_their_replies(
     labels it packs are the replies, and the saved model keeps the base's template."""
     base = save_tiny_base(name, tmp_path / f"base-{name}")
     conversations = chats(40)
-    _write(tiny_params, conversations)
+    write_split(tiny_params, conversations)
     paths = tiny_params.paths
     _, tokenizer = load_pretrained(base)
     blocks = pack(paths.split / "train.parquet", tokenizer, 64, tmp_path / "c", loss_on="replies")

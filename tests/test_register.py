@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from retune.release.gitinfo import GitState, git_state
 from retune.release.tracking import resolved_uri, setup_tracking
 from retune.reports import read_json, write_json
 from tasks.register import ModelFacts, model_card, run, version_tags
+from tests.helpers import run_in_fresh_process
 
 DATA_VERSION = "d" * 64
 FAKE_PASSWORD = "hunter2-fake-pw"
@@ -172,16 +171,7 @@ sampled = model.predict(["Hi, my router won't turn on."], params={{"do_sample": 
 long = model.predict(["my router " * 60])
 print(json.dumps({{"greedy": greedy, "sampled": sampled, "long": long}}))
 """
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": resolved_uri(tiny_params.tracking.uri),
-        "HF_HUB_OFFLINE": "1",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_in_fresh_process(code, resolved_uri(tiny_params.tracking.uri))
     # Untrained weights make greedy text degenerate (often bare newlines, stripped to ""), so
     # the non-empty check samples; greedy still has to answer with one string per prompt.
     assert len(out["greedy"]) == 1 and isinstance(out["greedy"][0], str)

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from retune.config import Params
 from retune.data.records import iter_messages, read_records
 from retune.errors import BaseModelError
 from retune.model.chat import CHAT_TEMPLATE, render
 from retune.model.modeling import load_pretrained
-from retune.model.training import FINGERPRINT_FILE, TrainResult, pack, train
+from retune.model.training import FINGERPRINT_FILE, pack
 from tasks import split
 from tasks.train import run
+from tests.bases import Interrupted, KillAfterCheckpoint, train_core
 
 
 @pytest.fixture
@@ -29,37 +27,9 @@ def split_params(prepared: Params) -> Params:
     return prepared
 
 
-def train_core(params: Params, callbacks: Sequence[Any] = (), **overrides: Any) -> TrainResult:
-    paths = params.paths
-    return train(
-        dataclasses.replace(params.train, **overrides),
-        params.seed,
-        paths.split / "train.parquet",
-        paths.split / "holdout.parquet",
-        paths.model,
-        paths.checkpoints,
-        callbacks=callbacks,
-    )
-
-
 def weights(model_dir: Path) -> dict[str, Any]:
     model, _ = load_pretrained(model_dir)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-class Interrupted(Exception):
-    pass
-
-
-class KillAfterCheckpoint(TrainerCallback):
-    """Stands in for a killed process: raises right after `step`'s checkpoint is written."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.step:
-            raise Interrupted
 
 
 def test_records_are_packed_into_full_blocks_split_by_eos(

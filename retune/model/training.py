@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from retune.config import TrainParams
 from retune.data.records import iter_messages, read_records
 from retune.errors import BaseModelError, DataValidationError, RetuneError
-from retune.model import masks
+from retune.model import adapters, masks
 from retune.model.modeling import load_pretrained, scratch_model, train_chat_tokenizer
 from retune.reports import write_json
 
@@ -56,6 +56,7 @@ class TrainResult:
     resumed_from: Path | None
     history: History
     precision: str = "fp32"  # "bf16" when trained under bf16 autocast (`resolve_precision`)
+    trainable: adapters.Trainable | None = None  # what trained: all weights or an adapter
 
 
 def train(
@@ -85,6 +86,9 @@ def train(
         if not path.exists():
             raise RetuneError(f"{path}: missing; run the split stage first (`retune split`)")
     # A user's base loads first: a bad train.base_model fails before any checkpoint is cleared.
+    # Seeded: the rows it adds for retune's placeholder tokens start alike in every process, so
+    # a resumed adapter (which trains those rows only) meets the base it was trained on.
+    set_seed(seed)
     base = None if cfg.base_model == "scratch" else _pretrained_base(cfg)
     resume_from = prepare_checkpoints(
         checkpoint_dir, training_fingerprint(cfg, seed, train_file), cfg.resume
@@ -96,7 +100,7 @@ def train(
     precision = resolve_precision(cfg.precision, "cuda" if gpu else "cpu")
     if resume_from is not None and checkpoint_step(resume_from) >= cfg.max_steps:
         # Trainer would take one step past max_steps here; the checkpoint is the model.
-        return _finished(resume_from, model_dir, tokens_per_step, started, precision)
+        return _finished(resume_from, cfg, base, model_dir, tokens_per_step, started, precision)
     interactive = sys.stdout.isatty()
     if not interactive:
         import datasets
@@ -105,7 +109,8 @@ def train(
 
     set_seed(seed)  # the scratch model's initial weights come from this seed
     model, tokenizer = base or _scratch_base(cfg, train_file, checkpoint_dir)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params, architecture = sum(p.numel() for p in model.parameters()), type(model).__name__
+    model, trainable = _trainable(model, tokenizer, cfg)
     cache = checkpoint_dir / _DATA_CACHE
     shutil.rmtree(cache, ignore_errors=True)
     try:
@@ -130,11 +135,12 @@ def train(
                 flush=True,
             )
         print(
-            f"train: {type(model).__name__} with {n_params:,} parameters, "
+            f"train: {architecture} with {n_params:,} parameters, "
             f"{len(train_blocks)} train / {len(eval_blocks)} eval blocks of {cfg.max_seq_len} "
             f"tokens, loss on {cfg.loss_on} ({target_share(train_blocks):.0%} of the tokens), "
             f"{cfg.max_steps} steps x {tokens_per_step} tokens, "
-            f"{precision} on {'cuda' if gpu else f'{torch.get_num_threads()} CPU threads'}",
+            f"{precision} on {'cuda' if gpu else f'{torch.get_num_threads()} CPU threads'}; "
+            f"trains {trainable.describe()}",
             flush=True,
         )
         args = TrainingArguments(
@@ -177,7 +183,8 @@ def train(
         )
         if not interactive:
             trainer.remove_callback(PrinterCallback)  # raw log dicts; `progress` prints lines
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with adapters.quiet_checkpoints():
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         steps = trainer.state.global_step
         history = loss_history(trainer.state.log_history)
         save_model(trainer.model, tokenizer, model_dir)
@@ -197,18 +204,41 @@ def train(
         resumed_from=resume_from,
         mean_loss=float(output.training_loss),
         precision=precision,
+        trainable=trainable,
     )
 
 
+def _trainable(model: Any, tokenizer: Any, cfg: TrainParams) -> tuple[Any, adapters.Trainable]:
+    """The model as it trains under `cfg.adapter` (wrapped in a LoRA adapter, or as it is)."""
+    if cfg.adapter == "lora":
+        return adapters.add_lora(model, tokenizer, cfg.lora)
+    return model, adapters.full(model)
+
+
 def _finished(
-    checkpoint: Path, model_dir: Path, tokens_per_step: int, started: float, precision: str
+    checkpoint: Path,
+    cfg: TrainParams,
+    base: tuple[Any, Any] | None,
+    model_dir: Path,
+    tokens_per_step: int,
+    started: float,
+    precision: str,
 ) -> TrainResult:
-    """Save a checkpoint that already holds every step as the model, with its loss history."""
+    """Save a checkpoint that already holds every step as the model, with its loss history.
+    An adapter checkpoint holds the adapter alone: it goes back onto `base` to be merged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"train: {checkpoint} already holds every step; nothing left to train", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # the Trainer saved it alongside
+    if cfg.adapter == "lora" and base is not None:
+        model, tokenizer = base
+        n_params = sum(p.numel() for p in model.parameters())
+        model, trainable = _trainable(model, tokenizer, cfg)
+        adapters.load_adapter(model, checkpoint)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # the Trainer saved it alongside
+        n_params = sum(p.numel() for p in model.parameters())
+        trainable = adapters.full(model)
     state = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
     save_model(model, tokenizer, model_dir)
     return _result(
@@ -217,11 +247,12 @@ def _finished(
         steps=int(state["global_step"]),
         tokens_per_step=tokens_per_step,
         tokens_per_s=0.0,
-        n_params=sum(p.numel() for p in model.parameters()),
+        n_params=n_params,
         started=started,
         resumed_from=checkpoint,
         mean_loss=float("nan"),
         precision=precision,
+        trainable=trainable,
     )
 
 
@@ -237,6 +268,7 @@ def _result(
     resumed_from: Path | None,
     mean_loss: float,
     precision: str = "fp32",
+    trainable: adapters.Trainable | None = None,
 ) -> TrainResult:
     losses = [loss for _, loss, _ in history if loss is not None]
     evals = [ev for _, _, ev in history if ev is not None]
@@ -252,6 +284,7 @@ def _result(
         resumed_from=resumed_from,
         history=history,
         precision=precision,
+        trainable=trainable,
     )
     eval_text = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
     print(
@@ -320,7 +353,7 @@ def training_fingerprint(cfg: TrainParams, seed: int, train_file: Path) -> str:
     # By file name: the hash follows the code, wherever the module is imported from.
     code = {
         Path(str(m.__file__)).name: file_sha256(Path(str(m.__file__)))
-        for m in (chat, masks, modeling, records, sys.modules[__name__])
+        for m in (adapters, chat, masks, modeling, records, sys.modules[__name__])
     }
     payload = json.dumps(
         {
@@ -617,10 +650,6 @@ def _save_atomically(target: Path, save: Any) -> None:
 
 
 def save_model(model: Any, tokenizer: Any, model_dir: Path) -> None:
-    """Model and tokenizer (its chat template included) in `save_pretrained` format."""
-
-    def save(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    _save_atomically(model_dir, save)
+    """Model and tokenizer (its chat template included) in `save_pretrained` format; a LoRA
+    model merged into its base, the adapter itself in `adapter/` (retune.model.adapters)."""
+    _save_atomically(model_dir, lambda folder: adapters.save_merged(model, tokenizer, folder))

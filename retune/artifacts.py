@@ -218,7 +218,7 @@ PIPELINE = (
         reads=(MODEL, TRAIN_SPLIT, HOLDOUT_SPLIT, TRAIN_REPORT),
         writes=(HOLDOUT_SCORES, GENERATIONS, EVALUATE_REPORT),
         # train.base_model: a pretrained base is scored too, to show what fine-tuning bought.
-        params=("evaluate", "scoring", "train.base_model"),
+        params=("evaluate", "scoring", "train.base_model", "train.loss_on"),
     ),
     Stage(
         "register",
@@ -232,7 +232,8 @@ PIPELINE = (
         "Gate the version register just added against production; move the alias.",
         reads=(HOLDOUT_SPLIT, TRAIN_REPORT, REGISTER_REPORT, EVALUATE_REPORT, HOLDOUT_SCORES),
         writes=(PROMOTE_REPORT,),
-        params=("seed", "promote", "scoring", "register.model_name"),
+        # Production is rescored on the tokens the candidate's loss trained (and evaluate scored).
+        params=("seed", "promote", "scoring", "register.model_name", "train.loss_on"),
     ),
 )
 STAGES = {stage.name: stage for stage in PIPELINE}

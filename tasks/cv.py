@@ -190,6 +190,7 @@ def _train_fold(
         scoring.max_examples,
         scoring.batch_size,
         scoring.max_seq_len,
+        loss_on=train_cfg.loss_on,
         log_prefix=name,
     )
     metrics = aggregate(scores)

@@ -33,7 +33,7 @@ from retune.errors import MissingInputError, RetuneError
 from retune.model.scoring import (
     aggregate,
     bits_per_byte,
-    encode,
+    encode_targets,
     max_positions,
     score_examples,
     score_replies,
@@ -82,12 +82,20 @@ class EvaluateResult:
         return {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
 
 
-def unigram_counts(sequences: Sequence[Sequence[int]], vocab_size: int) -> np.ndarray:
-    """How often each token id occurs as a prediction target (every position but the first)."""
+def unigram_counts(
+    sequences: Sequence[Sequence[int]],
+    vocab_size: int,
+    targets: Sequence[Sequence[int]] | None = None,
+) -> np.ndarray:
+    """How often each token id occurs as a prediction target: every position but the first,
+    and of those only where `targets` (aligned with the tokens, as scoring takes it) is 1."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for seq in sequences:
+    for k, seq in enumerate(sequences):
         if len(seq) > 1:
-            counts += np.bincount(np.asarray(seq[1:], dtype=np.int64), minlength=vocab_size)
+            ids = np.asarray(seq[1:], dtype=np.int64)
+            if targets is not None:
+                ids = ids[np.asarray(targets[k][1 : len(seq)], dtype=bool)]
+            counts += np.bincount(ids, minlength=vocab_size)
     return counts
 
 
@@ -119,21 +127,24 @@ def count_reply_examples(holdout_file: Path) -> int:
     return int(pc.sum(pc.match_substring(roles, "assistant")).as_py() or 0)
 
 
-def _train_counts(train_file: Path, tokenizer: Any, max_len: int) -> np.ndarray:
-    """Unigram target counts over the whole train split, streamed in chunks."""
+def _train_counts(train_file: Path, tokenizer: Any, max_len: int, loss_on: str) -> np.ndarray:
+    """Unigram target counts over the whole train split (the tokens `loss_on` trains on),
+    streamed in chunks."""
     counts = np.zeros(len(tokenizer), dtype=np.int64)
     for batch in pq.ParquetFile(train_file).iter_batches(
         batch_size=_TRAIN_CHUNK, columns=["messages"]
     ):
-        counts += unigram_counts(
-            encode(tokenizer, batch.column(0).to_pylist(), max_len), len(counts)
-        )
+        ids, targets = encode_targets(tokenizer, batch.column(0).to_pylist(), max_len, loss_on)
+        counts += unigram_counts(ids, len(counts), targets)
     return counts
 
 
-def score_base(base_model: str, holdout_file: Path, scoring: ScoringParams) -> dict[str, float]:
+def score_base(
+    base_model: str, holdout_file: Path, scoring: ScoringParams, loss_on: str = "all"
+) -> dict[str, float]:
     """Bits per byte and perplexity of the pretrained `base_model` (train.base_model) itself on
-    the holdout examples the fine-tuned model is scored on: what fine-tuning started from."""
+    the holdout examples (and tokens, `loss_on`) the fine-tuned model is scored on: what
+    fine-tuning started from."""
     import torch
 
     from retune.model.modeling import load_pretrained
@@ -148,6 +159,7 @@ def score_base(base_model: str, holdout_file: Path, scoring: ScoringParams) -> d
             scoring.max_examples,
             scoring.batch_size,
             scoring.max_seq_len,
+            loss_on=loss_on,
             log_prefix="evaluate: base",
         )
     )
@@ -163,6 +175,7 @@ def score(
     scores_file: Path,
     generations_file: Path,
     base_model: str = "scratch",
+    loss_on: str = "all",
 ) -> EvaluateResult:
     """Score the model in `model_dir` on up to `scoring.max_examples` holdout records.
 
@@ -171,6 +184,8 @@ def score(
     replies to `cfg.generation_examples` holdout prompts, scored against the references, to
     `generations_file` (CSV, `retune.model.scoring.GENERATION_COLUMNS`). A pretrained
     `base_model` (train.base_model other than "scratch") is scored on the same examples too.
+    `loss_on` (train.loss_on) picks the tokens scored, and counted by the unigram baseline:
+    the ones train's loss trains on.
     """
     import torch
 
@@ -194,6 +209,7 @@ def score(
         scoring.max_examples,
         scoring.batch_size,
         max_seq_len,
+        loss_on=loss_on,
         log_prefix="evaluate",
     )
     scores_file.parent.mkdir(parents=True, exist_ok=True)
@@ -202,15 +218,17 @@ def score(
 
     print("evaluate: counting the unigram baseline over the train split", flush=True)
     selected = select_holdout(holdout_file, scoring.max_examples).column("messages").to_pylist()
-    eval_counts = unigram_counts(encode(tokenizer, selected, max_len), len(tokenizer))
-    baseline_nll = unigram_nll(_train_counts(train_file, tokenizer, max_len), eval_counts)
+    eval_ids, eval_targets = encode_targets(tokenizer, selected, max_len, loss_on)
+    eval_counts = unigram_counts(eval_ids, len(tokenizer), eval_targets)
+    train_counts = _train_counts(train_file, tokenizer, max_len, loss_on)
+    baseline_nll = unigram_nll(train_counts, eval_counts)
     baseline = math.exp(baseline_nll / int(eval_counts.sum()))
     # The baseline predicts the very tokens scored above, so it covers the very same bytes.
     baseline_bpb = bits_per_byte(baseline_nll, int(figures["n_bytes"]))
     base = None
     if base_model != "scratch":
         print(f"evaluate: scoring the base model {base_model} before fine-tuning", flush=True)
-        base = score_base(base_model, holdout_file, scoring)
+        base = score_base(base_model, holdout_file, scoring, loss_on)
 
     replies = score_replies(
         model,
@@ -304,6 +322,7 @@ def run(params: Params) -> EvaluateResult:
         scores_file=HOLDOUT_SCORES.path(params),
         generations_file=GENERATIONS.path(params),
         base_model=params.train.base_model,
+        loss_on=params.train.loss_on,
     )
     # Compute alone (loading, scoring, generating), apart from MLflow logging: what the
     # overhead benchmark subtracts from the flow's wall time.

@@ -70,9 +70,10 @@ class PromoteResult:
 
 
 def score_registered(
-    model_name: str, version: int, holdout_file: Path, scoring: ScoringParams
+    model_name: str, version: int, holdout_file: Path, scoring: ScoringParams, loss_on: str
 ) -> pa.Table:
-    """Per-example scores of a registered version on `holdout_file` (today's holdout)."""
+    """Per-example scores of a registered version on `holdout_file` (today's holdout), on the
+    tokens `loss_on` (train.loss_on) trains: those the candidate's evaluation scored."""
     from retune.model.scoring import score_examples
 
     model, tokenizer = load_version(model_name, version, log_prefix="promote")
@@ -83,6 +84,7 @@ def score_registered(
         max_examples=scoring.max_examples,
         batch_size=scoring.batch_size,
         max_seq_len=scoring.max_seq_len,
+        loss_on=loss_on,
         log_prefix=f"promote: v{version}",
     )
 
@@ -119,10 +121,12 @@ def gate(
     forced: bool = False,
     reason: str | None = None,
     scores_source: str = "the candidate",
+    loss_on: str = "all",
 ) -> PromoteResult:
     """Judge `version` against the current production on `holdout_file`; record and apply.
 
-    Scores production (loaded from the registry) on the holdout with `scoring`, bootstraps
+    Scores production (loaded from the registry) on the holdout with `scoring`, on the tokens
+    `loss_on` names (those `candidate_scores` hold), bootstraps
     the paired difference against `candidate_scores`, decides, tags the version with the
     decision and moves the alias the decision names (recorded in the promotion history).
     `candidate_scores` None (forced only) skips the comparison, and so does a candidate whose
@@ -139,7 +143,9 @@ def gate(
     # nothing (and scoring production for it is wasted time).
     divergence = diverged(candidate_metrics)
     if production is not None and candidate_scores is not None and divergence is None:
-        champion_scores = score_registered(registry.model_name, production, holdout_file, scoring)
+        champion_scores = score_registered(
+            registry.model_name, production, holdout_file, scoring, loss_on
+        )
         _same_examples(candidate_scores, champion_scores, scores_source)
         champion_metrics = _numbers(aggregate(champion_scores))
         comparison = compare(
@@ -260,6 +266,7 @@ def run(params: Params) -> PromoteResult:
         params.seed,
         decided_by=GATE_ACTOR,
         scores_source=str(scores_file),
+        loss_on=params.train.loss_on,
     )
     PROMOTE_REPORT.write(params, result.report())
     _log_to_pipeline_run(params, result)
@@ -304,7 +311,9 @@ def promote_version(
     if registry.production() == version:
         raise RegistryError(f"{registry.model_name} v{version} is already production")
     if holdout_file.exists():
-        candidate_scores = score_registered(registry.model_name, version, holdout_file, scoring)
+        candidate_scores = score_registered(
+            registry.model_name, version, holdout_file, scoring, params.train.loss_on
+        )
         metrics.update(_numbers(aggregate(candidate_scores)))
     elif not force:
         raise RetuneError(
@@ -323,6 +332,7 @@ def promote_version(
         decided_by=actor,
         forced=force,
         reason=reason,
+        loss_on=params.train.loss_on,
     )
 
 

@@ -167,7 +167,7 @@ def family_tokenizer(family: Family, vocab_size: int = 400) -> Any:
     return hf
 
 
-def tiny_model(model_type: str, tokenizer: Any, max_positions: int = 128) -> Any:
+def tiny_model(model_type: str, tokenizer: Any, max_positions: int = 256) -> Any:
     """A randomly initialised causal LM of `model_type`, two layers, 32 wide."""
     import torch
     from transformers import (

@@ -285,3 +285,29 @@ def test_chatml_prefix_spans_cover_reply_and_marker() -> None:
         "Glad to help!<|im_end|>\n",
     ]
     assert [i for _, _, i in spans] == [2, 4]
+
+
+@pytest.mark.parametrize("name", ["retune", "smollm2"])
+def test_holdout_scoring_scores_the_tokens_and_bytes_the_loss_trains_on(
+    name: str, tiny_params: Params, tmp_path: Path
+) -> None:
+    from retune.model.scoring import score_examples
+
+    conversations = chats(12)
+    conversations[0][1]["weight"] = 0  # a left-out reply is not scored either
+    write_split(tiny_params, conversations)
+    holdout = tiny_params.paths.split / "holdout.parquet"
+    model, tokenizer = load_pretrained(save_tiny_base(name, tmp_path / "base"))
+    end = FAMILIES[name].end_of_turn
+
+    replies = score_examples(model, tokenizer, holdout, 8, 4, 256, loss_on="replies")
+    every = score_examples(model, tokenizer, holdout, 8, 4, 256, loss_on="all")
+
+    by_id = {r["id"]: r for r in read_records(holdout).to_pylist()}
+    for row, whole in zip(replies.to_pylist(), every.to_pylist(), strict=True):
+        messages = by_id[row["id"]]["messages"]
+        (ids,), (mask,) = masks.encode(tokenizer, [messages], "replies")
+        assert row["n_tokens"] == sum(mask) and whole["n_tokens"] == len(ids) - 1
+        trained = [m for m in messages if m["role"] == "assistant" and m["weight"] != 0]
+        assert row["n_bytes"] == sum(len((m["content"] + end).encode()) for m in trained)
+        assert 0 < row["nll_sum"] < whole["nll_sum"]

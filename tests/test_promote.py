@@ -105,6 +105,7 @@ def register_candidate(params: Params, model_dir: Path, **metrics: float) -> int
         params.scoring.max_examples,
         params.scoring.batch_size,
         params.scoring.max_seq_len,
+        loss_on=params.train.loss_on,  # as evaluate scores: the tokens the loss trains on
     )
     reports.mkdir(parents=True, exist_ok=True)
     pq.write_table(scores, reports / "holdout_scores.parquet")

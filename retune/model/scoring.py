@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retune.errors import RetuneError
+from retune.model import masks
 from retune.model.chat import SPECIAL_TOKENS, render
 from retune.model.metrics import load_metric
 
@@ -65,6 +66,18 @@ def encode(
         return []
     texts = [render(tokenizer, messages) for messages in conversations]
     return _closed(tokenizer, tokenizer(texts, add_special_tokens=False)["input_ids"], max_len)
+
+
+def encode_targets(
+    tokenizer: Any, conversations: list[list[dict[str, Any]]], max_len: int, loss_on: str
+) -> tuple[list[list[int]], list[list[int]]]:
+    """`encode`'s token ids and, per token, 1 where train's loss trains on it under `loss_on`
+    (retune.model.masks: the replies and the markers closing their turns, or every token; a
+    weight-0 reply never), both cut to the first `max_len` positions."""
+    if not conversations:
+        return [], []
+    ids, targets = masks.encode(tokenizer, conversations, loss_on)
+    return [row[:max_len] for row in ids], [row[:max_len] for row in targets]
 
 
 def _closed(tokenizer: Any, rows: list[list[int]], max_len: int) -> list[list[int]]:
@@ -223,6 +236,7 @@ def score_examples(
     batch_size: int,
     max_seq_len: int,
     *,
+    loss_on: str = "all",
     log_prefix: str = "scoring",
 ) -> pa.Table:
     """Score `model` on the first `max_examples` holdout records by id (`select_holdout`).
@@ -237,24 +251,29 @@ def score_examples(
     text they cover (`encode_with_bytes`): from the end of the first token to the end of the
     last one kept, so neither the first token's text nor what truncation cut away counts, and
     the appended eos adds none. nll_sum / (ln 2 * n_bytes) is then the example's bits per byte,
-    a figure that does not depend on how a tokenizer cuts the text. A supervision mask
-    (`score_sequences(targets=...)`, `target_bytes`) restricts the NLL and the bytes alike.
+    a figure that does not depend on how a tokenizer cuts the text.
+
+    Of those, only the tokens train's loss trains on are scored (`loss_on`, train.loss_on:
+    `encode_targets`), in the NLL and the bytes alike: under "replies" the model is judged on
+    what it is taught to write, and an example whose reply the window cuts off scores nothing.
     """
     selected = select_holdout(holdout_file, max_examples)
     total = selected.num_rows
     max_len = max_positions(model, max_seq_len)
-    encoded, token_bytes = encode_with_bytes(
-        tokenizer, selected.column("messages").to_pylist(), max_len
-    )
-    if sum(max(0, len(seq) - 1) for seq in encoded) == 0:
+    conversations = selected.column("messages").to_pylist()
+    encoded, token_bytes = encode_with_bytes(tokenizer, conversations, max_len)
+    ids, targets = encode_targets(tokenizer, conversations, max_len, loss_on)
+    if ids != encoded:  # two renderings of one text: a difference is a bug, never data
+        raise RetuneError(f"{log_prefix}: the loss mask's tokens differ from the scored ones")
+    if sum(sum(row[1:]) for row in targets) == 0:
         raise RetuneError(
             f"{holdout_file}: the {total} selected holdout examples give no token to predict "
-            f"(each is at most one token long under max_seq_len={max_seq_len}; see "
-            "train.max_seq_len and the split stage)"
+            f"under train.loss_on={loss_on} (with loss_on replies, no reply starts within "
+            f"max_seq_len={max_seq_len} tokens; see scoring.max_seq_len and the split stage)"
         )
     print(f"{log_prefix}: scoring {total} holdout examples", flush=True)
     nll_sum, n_tokens, n_correct = score_sequences(
-        model, tokenizer, encoded, batch_size, log_prefix=log_prefix
+        model, tokenizer, encoded, batch_size, targets=targets, log_prefix=log_prefix
     )
     return pa.table(
         {
@@ -263,7 +282,7 @@ def score_examples(
             "nll_sum": nll_sum,
             "n_tokens": n_tokens,
             "n_correct": n_correct,
-            "n_bytes": target_bytes(token_bytes),
+            "n_bytes": target_bytes(token_bytes, targets),
         },
         schema=SCORES_SCHEMA,
     )

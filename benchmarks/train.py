@@ -252,6 +252,8 @@ def _train_baseline(spec: dict[str, Any], baton: Any) -> dict[str, Any]:
     configure_environment()  # offline hub and quiet libraries; no training setting
     params = load_params(ROOT / "params.yaml", spec["overrides"])
     cfg = params.train
+    if cfg.max_steps is None:
+        raise SystemExit("benchmarks.train compares equal steps: set train.max_steps (or --steps)")
     work = Path(spec["work"])
     out = work / "baseline-model"
     metrics = train(
@@ -619,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_environment()
     config = args.config or ("tiny" if args.smoke else "default")
-    overrides = [*CONFIGS[config], *args.set]
+    # The plain Trainer script trains on every token for a number of steps: retune does the same
+    # here, so the two are compared on one objective and one schedule.
+    overrides = [*CONFIGS[config], "train.loss_on=all", *args.set]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
     params = load_params(ROOT / "params.yaml", overrides)

@@ -113,6 +113,21 @@ def trained_facts(params: Params, result: TrainResult) -> dict[str, Any]:
     }
 
 
+def ending_facts(result: TrainResult) -> dict[str, Any]:
+    """How the schedule ended: planned steps, the step it stopped at, whether early stopping
+    stopped it, and (with early stopping) the best evaluation, which is the saved model."""
+    ending = result.ending
+    if ending is None:
+        return {}
+    return {
+        "planned_steps": ending.planned_steps,
+        "stopped_step": result.steps,
+        "stopped_early": ending.stopped_early,
+        "best_step": ending.best_step,
+        "best_eval_loss": ending.best_eval_loss,
+    }
+
+
 def run(params: Params) -> TrainResult:
     """Edge: start the pipeline's MLflow run, train on the split, save to `paths.model`, and
     write reports/train.json (with the run id) and reports/train_loss.csv."""
@@ -148,7 +163,14 @@ def run(params: Params) -> TrainResult:
             "tokens_seen": float(result.tokens_seen),
             "n_params": float(result.n_params),
         }
-        trained = trained_facts(params, result)
+        trained, ending = trained_facts(params, result), ending_facts(result)
+        final.update(
+            {
+                k: float(v)
+                for k, v in ending.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
         if result.trainable is not None:
             final["trainable_params"] = float(result.trainable.trainable_params)
             final["trainable_share"] = result.trainable.share
@@ -174,6 +196,7 @@ def run(params: Params) -> TrainResult:
                 "n_params": result.n_params,
                 "runtime_s": result.runtime_s,
                 "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+                **ending,
                 **trained,
             },
         )

@@ -10,11 +10,12 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,30 @@ class TrainResult:
     history: History
     precision: str = "fp32"  # "bf16" when trained under bf16 autocast (`resolve_precision`)
     trainable: adapters.Trainable | None = None  # what trained: all weights or an adapter
+    ending: Ending | None = None  # how the schedule ended: the planned steps, early stopping
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run's schedule ended: the steps it planned (train.max_steps, or what
+    train.num_train_epochs makes of the blocks), whether early stopping ended it sooner, and,
+    with early stopping, the evaluation whose checkpoint is the saved model."""
+
+    planned_steps: int
+    stopped_early: bool = False
+    best_step: int | None = None  # with train.early_stopping_patience: the model saved
+    best_eval_loss: float | None = None
+
+    @staticmethod
+    def of(state: Mapping[str, Any], early_stopping: bool) -> Ending:
+        """From a Trainer state (its fields, or a checkpoint's trainer_state.json)."""
+        best = state.get("best_global_step") if early_stopping else None
+        return Ending(
+            planned_steps=int(state["max_steps"]),
+            stopped_early=int(state["global_step"]) < int(state["max_steps"]),
+            best_step=int(best) if best else None,
+            best_eval_loss=float(state["best_metric"]) if best else None,
+        )
 
 
 def train(
@@ -98,7 +123,7 @@ def train(
     )
     gpu = torch.cuda.is_available()
     precision = resolve_precision(cfg.precision, "cuda" if gpu else "cpu")
-    if resume_from is not None and checkpoint_step(resume_from) >= cfg.max_steps:
+    if resume_from is not None and schedule_done(resume_from):
         # Trainer would take one step past max_steps here; the checkpoint is the model.
         return _finished(resume_from, cfg, base, model_dir, tokens_per_step, started, precision)
     interactive = sys.stdout.isatty()
@@ -128,6 +153,12 @@ def train(
             limit=cfg.eval_max_examples,
             loss_on=cfg.loss_on,
         )
+        if len(eval_blocks) == 0 and cfg.early_stopping_patience is not None:
+            raise RetuneError(
+                f"train.early_stopping_patience={cfg.early_stopping_patience} stops on eval_loss, "
+                f"but the first {cfg.eval_max_examples} holdout records make no block of "
+                f"{cfg.max_seq_len} tokens to evaluate on; raise train.eval_max_examples"
+            )
         if len(eval_blocks) == 0:
             print(
                 f"train: the first {cfg.eval_max_examples} holdout records make no full block "
@@ -138,38 +169,13 @@ def train(
             f"train: {architecture} with {n_params:,} parameters, "
             f"{len(train_blocks)} train / {len(eval_blocks)} eval blocks of {cfg.max_seq_len} "
             f"tokens, loss on {cfg.loss_on} ({target_share(train_blocks):.0%} of the tokens), "
-            f"{cfg.max_steps} steps x {tokens_per_step} tokens, "
+            f"{_steps_text(cfg, len(train_blocks))} x {tokens_per_step} tokens, "
             f"{precision} on {'cuda' if gpu else f'{torch.get_num_threads()} CPU threads'}; "
             f"trains {trainable.describe()}",
             flush=True,
         )
         args = TrainingArguments(
-            output_dir=str(checkpoint_dir),
-            max_steps=cfg.max_steps,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=cfg.warmup_steps,
-            weight_decay=cfg.weight_decay,
-            per_device_train_batch_size=cfg.per_device_train_batch_size,
-            per_device_eval_batch_size=cfg.per_device_train_batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            logging_strategy="steps",
-            logging_steps=cfg.logging_steps,
-            eval_strategy="steps" if len(eval_blocks) else "no",
-            eval_steps=cfg.eval_steps,
-            save_strategy="steps",
-            save_steps=cfg.save_steps,
-            save_total_limit=2,
-            seed=seed,
-            report_to="none",
-            use_cpu=not gpu,
-            bf16=precision == "bf16",
-            # No torch_compile: on 2 CPU cores it compiles for ~40 s to save ~4 % of a step,
-            # which a few hundred steps never pay back.
-            # Blocks are tokenised already: loader processes would only take cores from the model.
-            dataloader_num_workers=0,
-            dataloader_pin_memory=gpu,
-            disable_tqdm=not interactive,
+            **_training_args(cfg, checkpoint_dir, seed, precision, gpu, bool(len(eval_blocks)))
         )
         progress = _progress_callback(tokens_per_step, print_lines=not interactive)
         trainer = Trainer(
@@ -179,7 +185,7 @@ def train(
             train_dataset=train_blocks,
             eval_dataset=eval_blocks if len(eval_blocks) else None,
             processing_class=tokenizer,
-            callbacks=[progress, *callbacks],
+            callbacks=[progress, *_stopping(cfg), *callbacks],
         )
         if not interactive:
             trainer.remove_callback(PrinterCallback)  # raw log dicts; `progress` prints lines
@@ -187,6 +193,10 @@ def train(
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         steps = trainer.state.global_step
         history = loss_history(trainer.state.log_history)
+        # With early stopping the Trainer has loaded the best checkpoint back by now.
+        ending = Ending.of(
+            dataclasses.asdict(trainer.state), cfg.early_stopping_patience is not None
+        )
         save_model(trainer.model, tokenizer, model_dir)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -205,7 +215,88 @@ def train(
         mean_loss=float(output.training_loss),
         precision=precision,
         trainable=trainable,
+        ending=ending,
     )
+
+
+def planned_steps(cfg: TrainParams, n_blocks: int) -> int:
+    """The optimizer steps of the schedule: train.max_steps, or train.num_train_epochs passes
+    over `n_blocks` train blocks (the Trainer's own arithmetic: a last partial batch and a
+    last partial accumulation each still make a step)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    batches = math.ceil(n_blocks / cfg.per_device_train_batch_size)
+    per_epoch = max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
+    return math.ceil(float(cfg.num_train_epochs or 0) * per_epoch)
+
+
+def _steps_text(cfg: TrainParams, n_blocks: int) -> str:
+    steps = planned_steps(cfg, n_blocks)
+    text = f"{steps} steps" if cfg.max_steps else f"{cfg.num_train_epochs:g} epochs ({steps} steps)"
+    if cfg.early_stopping_patience is not None:
+        text += f", early stopping (patience {cfg.early_stopping_patience} evaluations)"
+    return text
+
+
+def _training_args(
+    cfg: TrainParams, checkpoint_dir: Path, seed: int, precision: str, gpu: bool, evaluate: bool
+) -> dict[str, Any]:
+    """TrainingArguments for `cfg`, evaluating when there are eval blocks (`evaluate`)."""
+    early = cfg.early_stopping_patience is not None
+    return dict(
+        output_dir=str(checkpoint_dir),
+        # -1: num_train_epochs decides.
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        num_train_epochs=cfg.num_train_epochs or 1.0,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        # Early stopping restores the best evaluation's checkpoint, so each one is saved.
+        save_steps=cfg.eval_steps if early else cfg.save_steps,
+        save_total_limit=2,  # the best one is kept on top when it is older
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        # A resumed run goes on counting evaluations without improvement where it stopped.
+        restore_callback_states_from_checkpoint=early,
+        seed=seed,
+        report_to="none",
+        use_cpu=not gpu,
+        bf16=precision == "bf16",
+        # No torch_compile: on 2 CPU cores it compiles for ~40 s to save ~4 % of a step,
+        # which a few hundred steps never pay back.
+        # Blocks are tokenised already: loader processes would only take cores from the model.
+        dataloader_num_workers=0,
+        dataloader_pin_memory=gpu,
+        disable_tqdm=not sys.stdout.isatty(),
+    )
+
+
+def _stopping(cfg: TrainParams) -> list[TrainerCallback]:
+    """transformers' EarlyStoppingCallback on eval_loss, if train.early_stopping_patience."""
+    if cfg.early_stopping_patience is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
+
+
+def schedule_done(checkpoint: Path) -> bool:
+    """Whether a Trainer checkpoint ends its run: every planned step taken, or the run stopped
+    there (early stopping), as its trainer_state.json records."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    control = state.get("stateful_callbacks", {}).get("TrainerControl", {})
+    stopped = bool(control.get("args", {}).get("should_training_stop"))
+    return stopped or int(state["global_step"]) >= int(state["max_steps"])
 
 
 def _trainable(model: Any, tokenizer: Any, cfg: TrainParams) -> tuple[Any, adapters.Trainable]:
@@ -224,11 +315,16 @@ def _finished(
     started: float,
     precision: str,
 ) -> TrainResult:
-    """Save a checkpoint that already holds every step as the model, with its loss history.
-    An adapter checkpoint holds the adapter alone: it goes back onto `base` to be merged."""
+    """Save a checkpoint that ends its run as the model, with its loss history: with early
+    stopping the best one it records. An adapter checkpoint holds the adapter alone: it goes
+    back onto `base` to be merged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"train: {checkpoint} already holds every step; nothing left to train", flush=True)
+    print(f"train: {checkpoint} ends the run; nothing left to train", flush=True)
+    state = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    ending = Ending.of(state, cfg.early_stopping_patience is not None)
+    if ending.best_step is not None:
+        checkpoint = checkpoint.parent / f"checkpoint-{ending.best_step}"
     if cfg.adapter == "lora" and base is not None:
         model, tokenizer = base
         n_params = sum(p.numel() for p in model.parameters())
@@ -239,7 +335,6 @@ def _finished(
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # the Trainer saved it alongside
         n_params = sum(p.numel() for p in model.parameters())
         trainable = adapters.full(model)
-    state = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
     save_model(model, tokenizer, model_dir)
     return _result(
         model_dir,
@@ -253,6 +348,7 @@ def _finished(
         mean_loss=float("nan"),
         precision=precision,
         trainable=trainable,
+        ending=ending,
     )
 
 
@@ -269,6 +365,7 @@ def _result(
     mean_loss: float,
     precision: str = "fp32",
     trainable: adapters.Trainable | None = None,
+    ending: Ending | None = None,
 ) -> TrainResult:
     losses = [loss for _, loss, _ in history if loss is not None]
     evals = [ev for _, _, ev in history if ev is not None]
@@ -285,6 +382,7 @@ def _result(
         history=history,
         precision=precision,
         trainable=trainable,
+        ending=ending,
     )
     eval_text = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
     print(

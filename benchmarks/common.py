@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # training comparison first, while the machine is freshest.
 BENCHMARKS = (
     "train",
+    "finetune",
     "overhead",
     "busy_start",
     "interrupt",

@@ -95,7 +95,10 @@ def train(
     num_threads: int | None = None,
 ) -> TrainResult:
     """Train `cfg.base_model` on the records in `train_file`; evaluate on the first
-    `cfg.eval_max_examples` records of `holdout_file`.
+    `cfg.eval_max_examples` records of `holdout_file`. The loss is on `cfg.loss_on`'s tokens
+    (`pack`); every weight trains, or a LoRA adapter (`cfg.adapter`, retune.model.adapters);
+    for `cfg.max_steps` or `cfg.num_train_epochs`, stopping early on eval_loss with
+    `cfg.early_stopping_patience` (the best checkpoint is then the model).
 
     Writes checkpoints, `fingerprint.json` and the scratch tokenizer under `checkpoint_dir`
     (resuming from the last checkpoint when they belong to the same inputs and `cfg.resume`),

@@ -251,16 +251,22 @@ def test_a_converted_base_is_fine_tuned_by_train(tiny: Calls, prepared: Params) 
     assert tokenizer.chat_template == TINY_TEMPLATE
 
 
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2 base, converted once for this module's slow tests."""
+    return prepare_base("smollm2-135m-instruct", tmp_path_factory.mktemp("bases"))
+
+
 @pytest.mark.slow
 def test_smollm2_is_installed_converted_and_answers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    smollm2: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from retune.model.chat import render
     from retune.model.training import file_sha256
 
-    folder = prepare_base("smollm2-135m-instruct", tmp_path)
+    folder = smollm2
 
     config = AutoConfig.from_pretrained(folder)
     assert config.model_type == "llama"
@@ -276,7 +282,7 @@ def test_smollm2_is_installed_converted_and_answers(
         raise AssertionError("a ready base was converted again")
 
     monkeypatch.setattr(base, "convert", no_reload)
-    assert prepare_base("smollm2-135m-instruct", tmp_path) == folder
+    assert prepare_base("smollm2-135m-instruct", folder.parent) == folder
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer(render(tokenizer, question, add_generation_prompt=True), return_tensors="pt")
@@ -284,3 +290,48 @@ def test_smollm2_is_installed_converted_and_answers(
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     reply = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply, reply
+
+
+@pytest.mark.slow
+def test_smollm2_fine_tuned_with_lora_loads_back_through_mlflow(
+    smollm2: Path, tiny_params: Params
+) -> None:
+    """A few LoRA steps of the real base on a few conversations, registered, then loaded by
+    `mlflow.pyfunc` in a fresh process, which generates a reply."""
+    from retune.release.tracking import resolved_uri
+    from tasks import register
+    from tasks import train as train_stage
+    from tests.bases import chats, write_split
+    from tests.helpers import run_in_fresh_process
+
+    write_split(tiny_params, chats(8))
+    params = dataclasses.replace(
+        tiny_params,
+        train=dataclasses.replace(
+            tiny_params.train,
+            base_model=str(smollm2),
+            adapter="lora",
+            learning_rate=1e-3,
+            max_steps=2,
+            max_seq_len=128,
+            per_device_train_batch_size=2,
+            eval_steps=2,
+            save_steps=2,
+            eval_max_examples=2,
+        ),
+    )
+    result = train_stage.run(params)
+    assert result.steps == 2 and result.trainable is not None
+    assert 0 < result.trainable.share < 0.02  # an adapter, not the whole model
+    registered = register.run(params)
+    assert "LoRA adapter" in registered.model_card and "smollm2-135m-instruct" in (
+        registered.model_card
+    )
+    code = f"""
+import json, mlflow
+model = mlflow.pyfunc.load_model({registered.model_uri!r})
+print(json.dumps(model.predict(["What is the capital of France?"],
+                               params={{"max_new_tokens": 8}})))
+"""
+    out = run_in_fresh_process(code, resolved_uri(params.tracking.uri))
+    assert len(out) == 1 and isinstance(out[0], str) and out[0].strip()

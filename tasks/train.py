@@ -27,7 +27,8 @@ from retune.entry import stage_main, stage_task
 from retune.masking import safe_params
 from retune.model.adapters import ADAPTER_DIR
 from retune.model.base import PROVENANCE
-from retune.model.training import History, TrainResult, checkpoint_step, file_sha256, train
+from retune.model.checkpoints import checkpoint_step, file_sha256
+from retune.model.training import History, TrainResult, train
 from retune.release.tracking import setup_tracking
 
 if TYPE_CHECKING:

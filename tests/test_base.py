@@ -264,7 +264,7 @@ def test_smollm2_is_installed_converted_and_answers(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from retune.model.chat import render
-    from retune.model.training import file_sha256
+    from retune.model.checkpoints import file_sha256
 
     folder = smollm2
 

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from retune.config import ConfigError, Params, load_params
 from retune.errors import RetuneError
 from retune.model.modeling import load_pretrained
-from retune.model.training import TrainResult, _collate, pack, planned_steps
+from retune.model.packing import collate, pack
+from retune.model.training import TrainResult, planned_steps
 from tests.bases import Interrupted, KillAfterCheckpoint, chats, train_core, write_split
 from tests.helpers import ROOT
 
@@ -58,7 +59,7 @@ def eval_loss_of(params: Params, model_dir: Path, tmp_path: Path) -> float:
         use_cpu=True,
         report_to="none",
     )
-    trainer = Trainer(model=model, args=args, data_collator=_collate, eval_dataset=blocks)
+    trainer = Trainer(model=model, args=args, data_collator=collate, eval_dataset=blocks)
     return float(trainer.evaluate()["eval_loss"])
 
 

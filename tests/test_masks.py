@@ -19,7 +19,8 @@ from retune.errors import BaseModelError, DataValidationError
 from retune.model import masks
 from retune.model.chat import render
 from retune.model.modeling import load_pretrained
-from retune.model.training import pack, train
+from retune.model.packing import pack
+from retune.model.training import train
 from tasks.ingest import ingest
 from tests.bases import CHATML, FAMILIES, chats, family_tokenizer, save_tiny_base, write_split
 

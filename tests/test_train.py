@@ -14,8 +14,9 @@ from retune.config import Params
 from retune.data.records import iter_messages, read_records
 from retune.errors import BaseModelError
 from retune.model.chat import CHAT_TEMPLATE, render
+from retune.model.checkpoints import FINGERPRINT_FILE
 from retune.model.modeling import load_pretrained
-from retune.model.training import FINGERPRINT_FILE, pack
+from retune.model.packing import pack
 from tasks import split
 from tasks.train import run
 from tests.bases import Interrupted, KillAfterCheckpoint, train_core

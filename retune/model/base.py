@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from retune.errors import RetuneError
-from retune.model.training import file_sha256, save_model
+from retune.model.checkpoints import file_sha256
+from retune.model.training import save_model
 from retune.reports import write_json
 
 PROVENANCE = "retune_base.json"

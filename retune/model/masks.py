@@ -1,6 +1,6 @@
 """Which tokens of a record the loss trains on, read off the tokenizer's own chat template.
 
-`train` packs records with these masks (retune.model.training.pack) and holdout scoring scores
+`train` packs records with these masks (retune.model.packing.pack) and holdout scoring scores
 the same tokens (retune.model.scoring), so what is trained and what is measured cannot differ.
 Any family's template works, retune's own included: nothing here knows a template's markers.
 """

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -22,21 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 from retune.config import TrainParams
 from retune.data.records import iter_messages, read_records
-from retune.errors import BaseModelError, DataValidationError, RetuneError
-from retune.model import adapters, masks
+from retune.errors import BaseModelError, RetuneError
+from retune.model import adapters, checkpoints, masks, packing
+from retune.model.checkpoints import (
+    DATA_CACHE,
+    TOKENIZER_DIR,
+    file_sha256,
+    prepare_checkpoints,
+)
 from retune.model.modeling import load_pretrained, scratch_model, train_chat_tokenizer
-from retune.reports import write_json
+from retune.model.packing import collate, pack, target_share
 
 if TYPE_CHECKING:
-    from datasets import Dataset
     from transformers import TrainerCallback
 
-FINGERPRINT_FILE = "fingerprint.json"
-TOKENIZER_DIR = "tokenizer"
-_DATA_CACHE = "data-cache"
-# Records tokenised per packing batch: each batch drops its last partial block, so a larger
-# batch wastes less (under max_seq_len tokens per batch) at the cost of a little memory.
-_PACK_RECORDS = 2_000
 
 # (step, train loss of the logging window ending there, eval loss at that step)
 History = tuple[tuple[int, float | None, float | None], ...]
@@ -139,7 +137,7 @@ def train(
     model, tokenizer = base or _scratch_base(cfg, train_file, checkpoint_dir)
     n_params, architecture = sum(p.numel() for p in model.parameters()), type(model).__name__
     model, trainable = _trainable(model, tokenizer, cfg)
-    cache = checkpoint_dir / _DATA_CACHE
+    cache = checkpoint_dir / DATA_CACHE
     shutil.rmtree(cache, ignore_errors=True)
     try:
         train_blocks = pack(train_file, tokenizer, cfg.max_seq_len, cache, loss_on=cfg.loss_on)
@@ -184,7 +182,7 @@ def train(
         trainer = Trainer(
             model=model,
             args=args,
-            data_collator=_collate,
+            data_collator=collate,
             train_dataset=train_blocks,
             eval_dataset=eval_blocks if len(eval_blocks) else None,
             processing_class=tokenizer,
@@ -396,11 +394,6 @@ def _result(
     return result
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a Trainer checkpoint folder (`checkpoint-<step>`) was saved at."""
-    return int(checkpoint.name.rsplit("-", 1)[-1])
-
-
 def resolve_precision(precision: str, device: str) -> str:
     """ "bf16" or "fp32" for `train.precision` on `device` ("cpu" or "cuda").
 
@@ -429,14 +422,6 @@ def available_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def training_fingerprint(cfg: TrainParams, seed: int, train_file: Path) -> str:
     """Hash of what decides the trained weights: train settings, seed, the train data, the
     code that renders and trains (so a fix to it retrains rather than reusing a checkpoint),
@@ -451,10 +436,11 @@ def training_fingerprint(cfg: TrainParams, seed: int, train_file: Path) -> str:
     from retune.model import chat, modeling
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+    this = sys.modules[__name__]
     # By file name: the hash follows the code, wherever the module is imported from.
     code = {
         Path(str(m.__file__)).name: file_sha256(Path(str(m.__file__)))
-        for m in (adapters, chat, masks, modeling, records, sys.modules[__name__])
+        for m in (adapters, chat, checkpoints, masks, modeling, packing, records, this)
     }
     payload = json.dumps(
         {
@@ -482,50 +468,6 @@ def _base_files(base_model: str) -> list[tuple[str, int, int]]:
         for f in folder.rglob("*")
         if f.is_file()
     )
-
-
-def prepare_checkpoints(checkpoint_dir: Path, fingerprint: str, resume: bool) -> Path | None:
-    """Return the checkpoint to resume from: the last complete one, if `resume` and it was
-    trained on the same inputs (`fingerprint`). Otherwise clear retune's files from
-    `checkpoint_dir` (checkpoints, tokenizer, fingerprint) and record `fingerprint`."""
-    marker = checkpoint_dir / FINGERPRINT_FILE
-    stored = json.loads(marker.read_text("utf-8")).get("fingerprint") if marker.exists() else None
-    if resume and stored == fingerprint:
-        last = last_complete_checkpoint(checkpoint_dir)
-        if last:
-            print(f"train: resuming from {last} (same settings and data)", flush=True)
-        return last
-    if stored is not None:
-        why = "train.resume is false" if stored == fingerprint else "settings or data changed"
-        print(f"train: starting afresh ({why}); clearing {checkpoint_dir}", flush=True)
-    _clear_checkpoints(checkpoint_dir)
-    write_json(marker, {"fingerprint": fingerprint})
-    return None
-
-
-def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The highest-step `checkpoint-<step>` folder the Trainer finished writing; folders a
-    killed process left half-written are removed (the Trainer writes trainer_state.json last)."""
-    found = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    complete = []
-    for folder in found:
-        if (folder / "trainer_state.json").exists():
-            complete.append(folder)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-    return max(complete, key=checkpoint_step, default=None)
-
-
-def _clear_checkpoints(checkpoint_dir: Path) -> None:
-    # Only what retune writes there: the folder itself may be shared with other files.
-    if not checkpoint_dir.is_dir():
-        return
-    for child in checkpoint_dir.iterdir():
-        ours = child.name in (FINGERPRINT_FILE, TOKENIZER_DIR, _DATA_CACHE) or (
-            child.is_dir() and child.name.startswith(("checkpoint-", "tmp-checkpoint-"))
-        )
-        if ours:
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def _pretrained_base(cfg: TrainParams) -> tuple[Any, Any]:
@@ -557,130 +499,6 @@ def _scratch_base(cfg: TrainParams, train_file: Path, checkpoint_dir: Path) -> t
         tokenizer = train_chat_tokenizer(conversations, cfg.scratch.vocab_size)
         _save_atomically(saved, tokenizer.save_pretrained)
     return scratch_model(cfg.scratch, tokenizer, cfg.max_seq_len), tokenizer
-
-
-def pack(
-    records_file: Path,
-    tokenizer: Any,
-    block_size: int,
-    cache_dir: Path,
-    limit: int | None = None,
-    *,
-    loss_on: str,
-) -> Dataset:
-    """Blocks of exactly `block_size` token ids and their labels from the records in
-    `records_file` (the first `limit` of them): each record rendered with the chat template and
-    closed with eos, then concatenated and cut, so no compute goes to padding. A label is the
-    token where the loss trains on it (`retune.model.masks.encode` under `loss_on`), -100
-    elsewhere; a block with no label is left out. Arrow-backed, on disk in `cache_dir`.
-
-    A record may attend to the records before it in its block (eos marks the boundary), as in
-    run_clm: a per-record mask would take attention off the fused causal SDPA kernel, the
-    larger cost, and the holdout perplexity (scored per record, no context) shows no harm.
-
-    A record that gives the loss no token (a conversation with no reply, or every reply of
-    weight 0, under loss_on replies) is a DataValidationError naming each as file:line: only
-    here are the tokenizer and its template known, which the data contract is not given."""
-    import pyarrow.parquet as pq
-    from datasets import Dataset
-
-    located = {"source", "line"} <= set(pq.read_schema(records_file).names)
-    columns = ["messages", *(["source", "line"] if located else [])]
-    data = Dataset.from_parquet(str(records_file), columns=columns, cache_dir=str(cache_dir))
-    if limit is not None:
-        data = data.select(range(min(limit, len(data))))
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        names = (
-            [f"{s}:{n}" for s, n in zip(batch["source"], batch["line"], strict=True)]
-            if located
-            else None
-        )
-        ids, loss_masks = masks.encode(tokenizer, batch["messages"], loss_on, names)
-        return {
-            "input_ids": ids,
-            "labels": [
-                [t if m else -100 for t, m in zip(row, mask, strict=True)]
-                for row, mask in zip(ids, loss_masks, strict=True)
-            ],
-            "n_targets": [sum(mask) for mask in loss_masks],
-        }
-
-    def chunk(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
-        flat = list(itertools.chain.from_iterable(batch["input_ids"]))
-        labels = list(itertools.chain.from_iterable(batch["labels"]))
-        usable = len(flat) // block_size * block_size
-        # The model predicts each label from the tokens before it: a block's first label is
-        # never used, so a block needs a target after it.
-        starts = [
-            i
-            for i in range(0, usable, block_size)
-            if any(t != -100 for t in labels[i + 1 : i + block_size])
-        ]
-        return {
-            "input_ids": [flat[i : i + block_size] for i in starts],
-            "labels": [labels[i : i + block_size] for i in starts],
-        }
-
-    tokens = data.map(
-        encode,
-        batched=True,
-        batch_size=_PACK_RECORDS,
-        remove_columns=data.column_names,
-        # The cache is private to this call: skip hashing the tokenizer for a cache key.
-        load_from_cache_file=False,
-        new_fingerprint=f"encode-{block_size}-{loss_on}",
-    )
-    _no_targets(records_file, data, tokens["n_targets"], loss_on)
-    return tokens.map(
-        chunk,
-        batched=True,
-        batch_size=_PACK_RECORDS,
-        remove_columns=["n_targets"],
-        load_from_cache_file=False,
-        new_fingerprint=f"chunk-{block_size}-{loss_on}",
-    )
-
-
-_NAMED = 10  # records named in a no-target error (the count says how many there are)
-
-
-def _no_targets(records_file: Path, data: Dataset, n_targets: Sequence[int], loss_on: str) -> None:
-    """Raise DataValidationError naming the records of `data` with no target token."""
-    empty = [i for i, n in enumerate(n_targets) if n == 0]
-    if not empty:
-        return
-    shown = data.select(empty[:_NAMED])
-    if "source" in shown.column_names:
-        names = [f"{s}:{n}" for s, n in zip(shown["source"], shown["line"], strict=True)]
-    else:
-        names = [f"{records_file} row {i + 1}" for i in empty[:_NAMED]]
-    more = f" (and {len(empty) - _NAMED} more)" if len(empty) > _NAMED else ""
-    raise DataValidationError(
-        f"{records_file}: {len(empty)} record(s) give the loss no token to train on under "
-        f"train.loss_on={loss_on}: a conversation with no assistant reply, or whose every reply "
-        f"has weight 0. Add a reply (or a weight 1), remove them from the input, or set "
-        "train.loss_on: all:\n" + "\n".join(f"  {name}" for name in names) + more
-    )
-
-
-def target_share(blocks: Dataset) -> float:
-    """Share of the blocks' tokens that are loss targets (1.0 for loss_on all, no weights)."""
-    import pyarrow.compute as pc
-
-    labels = pc.list_flatten(blocks.data.table.column("labels"))
-    return float(pc.sum(pc.not_equal(labels, -100)).as_py() or 0) / max(1, len(labels))
-
-
-def _collate(features: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
-    ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
-    labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
-    # The model shifts labels itself; packed blocks have no padding, and -100 marks what the
-    # loss skips. Without use_cache=False, each forward also copies every layer's keys and
-    # values into a generation cache that training never reads (~5-10 % of a CPU step).
-    return {"input_ids": ids, "labels": labels, "use_cache": False}
 
 
 def _progress_callback(tokens_per_step: int, print_lines: bool) -> TrainerCallback:

@@ -58,9 +58,14 @@ class Artifact:
         """Its path, or a MissingInputError saying which stage writes it."""
         path = self.path(params)
         if not path.exists():
-            setting = f"paths.{self.folder}" if self.file is None else None
-            raise MissingInputError(path, self.written_by, setting)
+            raise self.missing(path)
         return path
+
+    def missing(self, path: Path) -> MissingInputError:
+        """The error for this hand-off missing at `path` (for a core given paths, not params):
+        it names the stage that writes it, and the setting of a folder."""
+        setting = f"paths.{self.folder}" if self.file is None else None
+        return MissingInputError(path, self.written_by, setting)
 
     def read(self, params: Params) -> dict[str, Any]:
         """The JSON report or manifest (a missing one names the stage to run first)."""

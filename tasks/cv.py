@@ -33,7 +33,7 @@ from retune.artifacts import (
 from retune.config import Params, ScoringParams, TrainParams
 from retune.data.records import read_records
 from retune.entry import stage_main, stage_task
-from retune.errors import MissingInputError, RetuneError
+from retune.errors import RetuneError
 from retune.masking import safe_params
 from retune.model.training import available_cores, train
 
@@ -122,7 +122,7 @@ def train_fold(
     if not 0 <= index < k:
         raise RetuneError(f"fold {index} does not exist with cv.folds={k}")
     if not train_file.exists():
-        raise MissingInputError(train_file, TRAIN_SPLIT.written_by)
+        raise TRAIN_SPLIT.missing(train_file)
     name = f"cv fold {index + 1}/{k}"
     with _one_fold_at_a_time(name):
         return _train_fold(train_cfg, scoring, seed, train_file, k, index, work_dir, num_threads)

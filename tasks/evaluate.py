@@ -29,7 +29,7 @@ from retune.artifacts import (
 )
 from retune.config import EvaluateParams, Params, ScoringParams, TrackingParams
 from retune.entry import stage_main, stage_task
-from retune.errors import MissingInputError, RetuneError
+from retune.errors import RetuneError
 from retune.model.scoring import (
     aggregate,
     bits_per_byte,
@@ -192,10 +192,10 @@ def score(
     from retune.model.modeling import load_pretrained
 
     if not model_dir.is_dir():
-        raise MissingInputError(model_dir, MODEL.written_by, f"paths.{MODEL.folder}")
+        raise MODEL.missing(model_dir)
     for split_file in (holdout_file, train_file):
         if not split_file.exists():
-            raise MissingInputError(split_file, TRAIN_SPLIT.written_by)
+            raise TRAIN_SPLIT.missing(split_file)
     max_seq_len = scoring.max_seq_len
     model, tokenizer = load_pretrained(model_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")

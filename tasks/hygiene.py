@@ -26,6 +26,7 @@ from retune.artifacts import (
     HYGIENE_REPORT,
     MANIFEST_FILE,
     PREPARED,
+    PREPARED_RECORDS,
     RECORDS_FILE,
     manifest_version,
 )
@@ -35,7 +36,6 @@ from retune.data.lineage import CHANGES_FILE, change, data_version, write_change
 from retune.data.records import SCHEMA
 from retune.data.safety import Flag, Screen
 from retune.entry import stage_main, stage_task
-from retune.errors import MissingInputError
 from retune.reports import write_json
 
 # Why a record left the data here: a fixed vocabulary (reports, tests and `retune trace`).
@@ -167,7 +167,7 @@ def hygiene(
     started = time.perf_counter()
     prepared = prepared_dir / RECORDS_FILE
     if not prepared.exists():
-        raise MissingInputError(prepared, "ingest")
+        raise PREPARED_RECORDS.missing(prepared)
     index = pq.read_table(prepared, columns=_INDEX_COLUMNS)
     n = index.num_rows
     print(f"hygiene: screening {n:,} records for abusive text", flush=True)

@@ -31,7 +31,7 @@ from retune.config import Params, RegisterParams, TrackingParams
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
-from retune.model.chat import SPECIAL_TOKENS, render
+from retune.model.chat import end_of_turn_ids, render
 from retune.release.gitinfo import GitState, git_state
 
 if TYPE_CHECKING:
@@ -334,11 +334,12 @@ def bound_generation(model: Any, tokenizer: Any, max_new_tokens: int) -> int:
             )
             max_new_tokens = context // 2
     vocab = tokenizer.get_vocab()
-    # `<|end|>` closes a turn and a new role marker starts another: either ends the reply.
-    stops = [SPECIAL_TOKENS["eos"], "<|end|>", "<|user|>", "<|system|>"]
-    stop_ids = list(dict.fromkeys(vocab[t] for t in stops if t in vocab))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
-        stop_ids.insert(0, tokenizer.eos_token_id)
+    # The template's end-of-turn marker and eos end the reply (Llama 3.0's differ), and so does
+    # a role marker of retune's template starting another turn.
+    stop_ids = end_of_turn_ids(tokenizer)
+    stop_ids += [
+        vocab[t] for t in ("<|user|>", "<|system|>") if vocab.get(t, -1) not in (-1, *stop_ids)
+    ]
     gen = model.generation_config
     gen.max_new_tokens = max_new_tokens
     gen.do_sample = False

@@ -17,12 +17,21 @@ from retune.config import IngestParams, Params
 from retune.data.records import read_records
 from retune.errors import BaseModelError, DataValidationError
 from retune.model import masks
-from retune.model.chat import render
+from retune.model.chat import end_of_turn_ids, render
 from retune.model.modeling import load_pretrained
 from retune.model.packing import pack
 from retune.model.training import train
 from tasks.ingest import ingest
-from tests.bases import CHATML, FAMILIES, chats, family_tokenizer, save_tiny_base, write_split
+from tasks.register import bound_generation
+from tests.bases import (
+    CHATML,
+    FAMILIES,
+    chats,
+    family_tokenizer,
+    save_tiny_base,
+    tiny_model,
+    write_split,
+)
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -312,3 +321,34 @@ def test_holdout_scoring_scores_the_tokens_and_bytes_the_loss_trains_on(
         trained = [m for m in messages if m["role"] == "assistant" and m["weight"] != 0]
         assert row["n_bytes"] == sum(len((m["content"] + end).encode()) for m in trained)
         assert 0 < row["nll_sum"] < whole["nll_sum"]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_generation_stops_at_the_templates_end_of_turn(name: str) -> None:
+    # What evaluate's generations and the registered model stop at: the marker the loss
+    # supervises as the end of a reply, and eos.
+    family = FAMILIES[name]
+    tokenizer = family_tokenizer(family)
+    ids = end_of_turn_ids(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(ids)[0] == family.end_of_turn
+    assert tokenizer.eos_token_id in ids
+
+
+def test_llama3_0_stops_at_eot_not_only_at_its_eos() -> None:
+    # Llama 3.0 Instruct: eos is <|end_of_text|>, every turn closes with <|eot_id|>. Stopping at
+    # eos alone would run a reply on into a made-up next turn.
+    llama3 = FAMILIES["llama3"]
+    family = dataclasses.replace(
+        llama3,
+        eos="<|end_of_text|>",
+        pad="<|end_of_text|>",
+        specials=(*llama3.specials, "<|end_of_text|>"),
+    )
+    tokenizer = family_tokenizer(family)
+    assert tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer)) == [
+        "<|eot_id|>",
+        "<|end_of_text|>",
+    ]
+    model = tiny_model(family.model_type, tokenizer)
+    bound_generation(model, tokenizer, max_new_tokens=16)
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in model.generation_config.eos_token_id

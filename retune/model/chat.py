@@ -61,3 +61,38 @@ def render_many(
     )
     rendered = iter(texts)
     return [str(m[0]["content"]) if is_document(m) else next(rendered) for m in conversations]
+
+
+_PROBE = "retune end-of-turn probe"
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The token ids that end a reply, first the marker the chat template writes right after an
+    assistant message (`<|end|>`, `<|im_end|>`, `<|eot_id|>`, `</s>`), then eos if it differs.
+
+    A generation stopped at eos alone runs past the turn wherever the two differ: Llama 3.0
+    (eos `<|end_of_text|>`, turns closed by `<|eot_id|>`), Phi-3 (`<|endoftext|>`, `<|end|>`),
+    retune's own template (`<|endoftext|>`, `<|end|>`). The marker is read off a rendering of
+    one exchange: the longest special token the text after the reply starts with."""
+    ids: list[int] = []
+    try:
+        text = render(
+            tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+        )
+    except (
+        Exception
+    ):  # a template that refuses the probe (e.g. demands a system turn) has no marker found
+        text = ""
+    after = text[text.find(_PROBE) + len(_PROBE) :].lstrip() if _PROBE in text else ""
+    specials = sorted(
+        {str(t) for t in tokenizer.all_special_tokens}
+        | {str(t) for t in getattr(tokenizer, "additional_special_tokens", None) or []},
+        key=len,
+        reverse=True,
+    )
+    marker = next((t for t in specials if t and after.startswith(t)), None)
+    if marker is not None:
+        ids.append(int(tokenizer.convert_tokens_to_ids(marker)))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids

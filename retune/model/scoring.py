@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from retune.errors import RetuneError
 from retune.model import masks
-from retune.model.chat import SPECIAL_TOKENS, render
+from retune.model.chat import end_of_turn_ids, render
 from retune.model.metrics import load_metric
 
 SCORES_SCHEMA = pa.schema(
@@ -373,11 +373,7 @@ def prompt_and_reference(
 
 
 def _stop_ids(tokenizer: Any) -> list[int]:
-    end = SPECIAL_TOKENS["roles"][-1]  # <|end|> closes every turn in retune's template
-    stop = [tokenizer.convert_tokens_to_ids(end)] if end in tokenizer.get_vocab() else []
-    if tokenizer.eos_token_id is not None:
-        stop.append(tokenizer.eos_token_id)
-    return stop
+    return end_of_turn_ids(tokenizer)
 
 
 def generate_tokens(

@@ -12,14 +12,12 @@ are kept beside the merged model (`<paths.model>/adapter/`) as the record of wha
 
 Added tokens: a pretrained base gets retune's placeholders ([EMAIL], [PHONE], ...) as single
 tokens, as the scratch tokenizer has them, so a redacted value is one unit to every model and
-every stage tokenizes alike. Their embedding rows are new, so under LoRA those rows alone
-train too, in the input embeddings and (where it is not tied to them) the output layer:
-peft's `trainable_token_indices`, a few thousand weights rather than the whole matrices that
-`modules_to_save` would train. Merging writes them into the model. The cost: peft then saves
-the resized embedding matrices with each adapter checkpoint (disk, not training time).
-Leaving the placeholders out of a pretrained base would spell each in 3-5 ordinary tokens
-instead, but every loader adds them (`load_pretrained`), so training and scoring would then
-tokenize the same text differently.
+every stage tokenizes alike (`retune.model.modeling.add_placeholders`). Their rows start as the
+mean of the rows of the tokens the base spelt them with, and under LoRA they stay so: only the
+adapter trains. Training those rows as well (peft's `trainable_token_indices`) was measured
+11% slower per step on SmolLM2-135M on a CPU, and more memory, since peft then rebuilds the
+whole (tied) embedding matrix at every forward (`python -m benchmarks.lora`); a full fine-tune
+trains them with every other weight.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from retune.config import LoraParams
-from retune.data.pii import PLACEHOLDERS
 from retune.errors import BaseModelError
 
 ADAPTER_DIR = "adapter"  # inside paths.model: the adapter that was merged, for the record
@@ -85,8 +82,8 @@ def target_modules(model: Any, cfg: LoraParams) -> list[str]:
 
 
 def add_lora(model: Any, tokenizer: Any, cfg: LoraParams) -> tuple[Any, Trainable]:
-    """`model` wrapped in a LoRA adapter (only the adapter and the placeholder tokens' rows
-    train); returns it and what trains."""
+    """`model` wrapped in a LoRA adapter (only the adapter trains); returns it and what
+    trains."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -105,27 +102,11 @@ def add_lora(model: Any, tokenizer: Any, cfg: LoraParams) -> tuple[Any, Trainabl
         task_type="CAUSAL_LM",
         # GPT-2's projections are Conv1D, their weights stored transposed.
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in present),
-        trainable_token_indices=_placeholder_rows(model, tokenizer),
     )
     wrapped = get_peft_model(model, config)
     trainable, total = wrapped.get_nb_trainable_parameters()
     lora = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": targets}
     return wrapped, Trainable("lora", int(trainable), int(total), lora)
-
-
-def _placeholder_rows(model: Any, tokenizer: Any) -> dict[str, list[int]] | None:
-    """peft's `trainable_token_indices`: the placeholder tokens' rows of the input embeddings,
-    and of the output layer when it has weights of its own (peft follows a tied one)."""
-    vocab = tokenizer.get_vocab()
-    ids = sorted(vocab[t] for t in PLACEHOLDERS.values() if t in vocab)
-    if not ids:
-        return None
-    names = {id(m): name for name, m in model.named_modules()}
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    rows = {names[id(inputs)].rsplit(".", 1)[-1]: ids}
-    if outputs is not None and outputs.weight is not inputs.weight:
-        rows[names[id(outputs)].rsplit(".", 1)[-1]] = ids
-    return rows
 
 
 def full(model: Any) -> Trainable:

@@ -101,11 +101,36 @@ def load_pretrained(name_or_path: str | Path) -> tuple[Any, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer)
-    if tokenizer.add_tokens(sorted(PLACEHOLDERS.values())):
-        model.resize_token_embeddings(len(tokenizer))
+    add_placeholders(model, tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def add_placeholders(model: Any, tokenizer: Any) -> None:
+    """Give a pretrained base retune's placeholders ([EMAIL], ...) as single tokens, each row
+    (input embedding, and output layer where untied) the mean of the rows of the tokens the base
+    spelt it with: the model starts out reading `[EMAIL]` roughly as it read the text, rather
+    than as random noise. A no-op for a tokenizer that has them (the scratch one, a base
+    retune saved)."""
+    import torch
+
+    wanted = sorted(PLACEHOLDERS.values())
+    spelt = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in wanted}
+    before = len(tokenizer)
+    if not tokenizer.add_tokens(wanted):
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    layers = [inputs.weight]
+    if outputs is not None and outputs.weight is not inputs.weight:
+        layers.append(outputs.weight)
+    with torch.no_grad():
+        for token, ids in spelt.items():
+            row = tokenizer.convert_tokens_to_ids(token)
+            if ids and row >= before:  # a token this call added
+                for weight in layers:
+                    weight[row] = weight[ids].mean(dim=0)
 
 
 def train_chat_tokenizer(conversations: Iterable[list[dict[str, str]]], vocab_size: int) -> Any:

@@ -71,16 +71,7 @@ def train(
 ) -> dict[str, Any]:
     """Train a fresh GPT-2 on `train_file` with `tokenizer_dir`'s tokenizer; save the model and
     tokenizer to `output_dir`; return the Trainer's metrics."""
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        GPT2Config,
-        GPT2LMHeadModel,
-        Trainer,
-        TrainingArguments,
-        default_data_collator,
-        set_seed,
-    )
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, set_seed
 
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -96,6 +87,23 @@ def train(
         pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config)
+    return fit(model, tokenizer, train_dataset, cfg, output_dir, callbacks)
+
+
+def fit(
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    cfg: Any,
+    output_dir: Path,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """`Trainer` at its defaults but for the settings `cfg` holds (max_steps, batch_size,
+    learning_rate, warmup_steps, weight_decay, logging_steps, seed, bf16 if it has one), cosine
+    schedule; save the model and tokenizer to `output_dir`; return the Trainer's metrics."""
+    import torch
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
@@ -106,7 +114,7 @@ def train(
         weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps,
         seed=cfg.seed,
-        bf16=cfg.bf16,
+        bf16=getattr(cfg, "bf16", False),
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
     )

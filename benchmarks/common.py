@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = (
     "train",
     "finetune",
+    "lora",
     "overhead",
     "busy_start",
     "interrupt",

@@ -6,12 +6,11 @@ Run: `python -m benchmarks.train` (the default params.yaml model, ~8 min on 2 co
 Writes benchmarks/results/train.json (or under --out).
 
 How the ratio holds on a noisy machine: retune and the baseline train in two processes that
-take turns, `--block-steps` optimizer steps at a time (the order flips every round), and the
-fp32 matmul peak is measured between rounds; throughput, their ratio and MFU are medians over
-rounds, each round's pair of blocks having seen the same load. retune's blocks include what its
-train loop does besides steps (holdout evaluation, checkpoints); data preparation before the
-first step is reported apart. Tokens are the non-padding `input_ids` of training forwards,
-counted by a hook on the model.
+take turns, `--block-steps` optimizer steps at a time (benchmarks/interleave.py; the order flips
+every round), and the fp32 matmul peak is measured between rounds; throughput, their ratio and
+MFU are medians over rounds, each round's pair of blocks having seen the same load. retune's
+blocks include what its train loop does besides steps (holdout evaluation, checkpoints); data
+preparation before the first step is reported apart.
 
 FLOPs per token = 6·N + 12·L·d·T (PaLM's convention; attention counted over the full T×T
 matrix), N = the weights of every matmul: 12·L·d² in the blocks plus the V·d lm head. Embedding
@@ -28,22 +27,19 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.common import RESULTS, ROOT, command_line, row, write_result
+from benchmarks.interleave import Side, take_turns
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
-
     from retune.config import Params
 
 NAME = "train"
 TARGET_RATIO = 1.0
 TARGET_MFU = 45.0  # per cent of the fp32 matmul peak, default model on CPU
-ROLES = ("retune", "baseline")
 
 # Dotted params overrides per model size; "default" is params.yaml as it stands.
 CONFIGS: dict[str, list[str]] = {
@@ -72,18 +68,6 @@ CONFIGS: dict[str, list[str]] = {
     ],
 }
 SMOKE_CONVERSATIONS = 400
-
-
-@dataclass(frozen=True)
-class Block:
-    steps: int
-    tokens: int  # non-padding input tokens of the training forwards in this block
-    seconds: float
-    final: bool  # ended at the end of training (after the last step's eval and checkpoint)
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.seconds
 
 
 def flops_per_token(n_layer: int, n_embd: int, vocab: int, seq_len: int) -> tuple[int, int]:
@@ -148,77 +132,6 @@ def prepare_split(params: Params, work: Path, smoke: bool) -> tuple[Path, Path]:
     return result.train_file, result.holdout_file
 
 
-def _baton(conn: Connection, every: int) -> Any:
-    """The callback that hands the machine back to the parent every `every` steps and at the
-    end of training, reporting the block's steps, tokens and seconds."""
-    import torch
-    from transformers import TrainerCallback
-
-    class Baton(TrainerCallback):
-        def __init__(self) -> None:
-            self.tokens: Any = 0
-            self.started = 0.0
-            self.step0 = 0
-            self.hook: Any = None
-            self.pad: int | None = None
-
-        def count(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if module.training and ids is not None:
-                # Stays a tensor on the device: no host sync per step on a GPU.
-                self.tokens = self.tokens + (ids != self.pad).sum()
-
-        def handoff(self, message: tuple[Any, ...]) -> None:
-            conn.send(message)
-            if conn.recv() != "go":
-                raise SystemExit(1)
-            self.started = time.perf_counter()
-
-        def end_block(self, step: int, final: bool = False) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - self.started
-            tokens, self.tokens = int(self.tokens), 0
-            steps, self.step0 = step - self.step0, step
-            self.handoff(("block", steps, tokens, seconds, final))
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            model = kwargs["model"]
-            self.pad = model.config.pad_token_id
-            self.hook = model.register_forward_pre_hook(self.count, with_kwargs=True)
-            self.step0 = state.global_step
-            self.handoff(("ready", time.perf_counter()))
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step % every == 0 and state.global_step < state.max_steps:
-                self.end_block(state.global_step)
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            # After the final step's logging, evaluation and checkpoint: the last block has them.
-            self.end_block(state.global_step, final=True)
-            self.hook.remove()
-
-    return Baton()
-
-
-def _worker(role: str, spec: dict[str, Any], conn: Connection) -> None:
-    """One side of the comparison, in its own process; waits for "go" before any work."""
-    # load_dataset caches under ~/.cache by default: a second run would skip the baseline's
-    # tokenisation, and a benchmark should leave nothing behind.
-    os.environ["HF_DATASETS_CACHE"] = str(Path(spec["work"]) / "datasets-cache")
-    try:
-        if conn.recv() != "go":
-            return
-        baton = _baton(conn, spec["block_steps"])  # imports torch and transformers
-        # The baton reports when training began; the parent subtracts this for prep time.
-        conn.send(("started", time.perf_counter()))
-        done = _train_retune(spec, baton) if role == "retune" else _train_baseline(spec, baton)
-        conn.send(("done", done))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        raise
-
-
 def _train_retune(spec: dict[str, Any], baton: Any) -> dict[str, Any]:
     from retune.config import load_params
     from retune.env import configure_environment
@@ -240,7 +153,6 @@ def _train_retune(spec: dict[str, Any], baton: Any) -> dict[str, Any]:
         "model_dir": str(result.model_dir),
         "steps": result.steps,
         "precision": result.precision,
-        "threads": _threads(),
     }
 
 
@@ -280,55 +192,7 @@ def _train_baseline(spec: dict[str, Any], baton: Any) -> dict[str, Any]:
         "model_dir": str(out),
         "steps": int(metrics.get("global_step", cfg.max_steps)),
         "precision": "bf16" if spec["baseline_bf16"] else "fp32",
-        "threads": _threads(),
     }
-
-
-def _threads() -> int:
-    import torch
-
-    return int(torch.get_num_threads())
-
-
-class _Side:
-    """The parent's handle on one worker process."""
-
-    def __init__(self, ctx: Any, role: str, spec: dict[str, Any]) -> None:
-        self.role = role
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(role, spec, child), name=f"bench-{role}")
-        self.proc.start()
-        child.close()
-        self.blocks: list[Block] = []
-        self.prep_s = 0.0
-        self.started = 0.0
-        self.done: dict[str, Any] | None = None
-
-    def turn(self) -> str:
-        """Let the worker run to its next handoff; return what it reported."""
-        self.conn.send("go")
-        while True:
-            while not self.conn.poll(1.0):
-                if not self.proc.is_alive():
-                    raise RuntimeError(f"{self.role}: worker died (exit {self.proc.exitcode})")
-            kind, *rest = self.conn.recv()
-            if kind == "error":
-                raise RuntimeError(f"{self.role} failed:\n{rest[0]}")
-            if kind == "started":
-                self.started = rest[0]
-                continue
-            if kind == "ready":
-                self.prep_s = rest[0] - self.started
-            elif kind == "block":
-                self.blocks.append(Block(*rest))
-            elif kind == "done":
-                self.done = rest[0]
-            return str(kind)
-
-    def stop(self) -> None:
-        if self.proc.is_alive():
-            self.proc.terminate()
-        self.proc.join(timeout=30)
 
 
 def holdout_perplexity(
@@ -373,10 +237,10 @@ class Setup:
 
 @dataclass
 class Measured:
-    retune: _Side
-    baseline: _Side
+    retune: Side
+    baseline: Side
     peaks: list[float]  # one before each round and one after the last, FLOP/s
-    bf16_peaks: list[float]  # CPU runs with bf16: before each round too
+    bf16_peaks: list[float]  # CPU runs with bf16: at the same times
     load: str
     perplexity: dict[str, float]
 
@@ -390,8 +254,6 @@ def run_benchmark(
     setup: Setup,
 ) -> Measured:
     """Train both sides in turns under `work`, score both on the holdout."""
-    import multiprocessing
-
     import torch
 
     from retune.model.training import available_cores, resolve_precision
@@ -411,51 +273,23 @@ def run_benchmark(
     # With --dtype both sides train in it; else the baseline is fp32 and retune as configured.
     any_bf16 = (dtype or resolve_precision(params.train.precision, setup.device)) == "bf16"
 
-    def peak(dtype: str) -> float:
-        return matmul_peak(setup.device, dtype, setup.peak_size, setup.peak_seconds)
-
-    # spawn: each side a fresh interpreter, as a user would run it (no state shared via fork).
-    ctx = multiprocessing.get_context("spawn")
-    sides = {role: _Side(ctx, role, spec) for role in ROLES}
-    retune, baseline = sides["retune"], sides["baseline"]
     peaks: list[float] = []
     bf16_peaks: list[float] = []
-    try:
-        # Sequential preparation: the baseline reads the tokenizer retune trains.
-        for side in (retune, baseline):
-            print(f"bench: preparing {side.role}", flush=True)
-            if side.turn() != "ready":
-                raise RuntimeError(f"{side.role}: finished before training began")
-        load_at_start = os.getloadavg()[0]
-        rounds = 0
-        while True:
-            peaks.append(peak(setup.peak_dtype))
-            if any_bf16 and setup.device == "cpu":
-                bf16_peaks.append(peak("bf16"))
-            order = (retune, baseline) if rounds % 2 == 0 else (baseline, retune)
-            kinds = {side.role: side.turn() for side in order}
-            rounds += 1
-            if set(kinds.values()) != {"block"}:
-                raise RuntimeError(f"the two sides went out of step: {kinds}")
-            if rounds % 5 == 0 or retune.blocks[-1].final:
-                print(
-                    f"bench: round {rounds}: retune {retune.blocks[-1].rate:,.0f} tok/s, "
-                    f"baseline {baseline.blocks[-1].rate:,.0f} tok/s, "
-                    f"peak {peaks[-1] / 1e9:,.0f} GFLOP/s",
-                    flush=True,
-                )
-            if retune.blocks[-1].final != baseline.blocks[-1].final:
-                raise RuntimeError("one side finished training before the other")
-            if retune.blocks[-1].final:
-                break
-        peaks.append(peak(setup.peak_dtype))
-        load = f"{load_at_start:.1f} at the first round, {os.getloadavg()[0]:.1f} after the last"
-        for side in (retune, baseline):  # saving the models, one at a time
-            while side.done is None:
-                side.turn()
-    finally:
-        for side in sides.values():
-            side.stop()
+
+    def between_rounds() -> str:
+        peaks.append(
+            matmul_peak(setup.device, setup.peak_dtype, setup.peak_size, setup.peak_seconds)
+        )
+        if any_bf16 and setup.device == "cpu":
+            bf16_peaks.append(
+                matmul_peak(setup.device, "bf16", setup.peak_size, setup.peak_seconds)
+            )
+        return f"peak {peaks[-1] / 1e9:,.0f} GFLOP/s"
+
+    # The baseline reads the tokenizer retune trains: retune prepares first.
+    (retune, baseline), load = take_turns(
+        {"retune": _train_retune, "baseline": _train_baseline}, spec, between_rounds
+    )
     perplexity = {
         side.role: holdout_perplexity(
             Path(str(side.done["model_dir"])),
@@ -486,10 +320,10 @@ def result_rows(params: Params, setup: Setup, m: Measured) -> list[dict[str, Any
     round_peaks = m.peaks[: len(pairs)]
     peak = statistics.median(m.peaks)
 
-    def total_rate(side: _Side) -> float:
+    def total_rate(side: Side) -> float:
         return sum(b.tokens for b in side.blocks) / sum(b.seconds for b in side.blocks)
 
-    def mfu(side: _Side) -> float:
+    def mfu(side: Side) -> float:
         return 100 * statistics.median(
             b.rate * per_token / p for b, p in zip(side.blocks, round_peaks, strict=True)
         )
@@ -510,7 +344,8 @@ def result_rows(params: Params, setup: Setup, m: Measured) -> list[dict[str, Any
     retune_note = f"median over rounds of block FLOP/s / that round's peak; {flops}"
     if m.bf16_peaks:
         share = statistics.median(
-            b.rate * per_token / p for b, p in zip(retune.blocks, m.bf16_peaks, strict=True)
+            b.rate * per_token / p
+            for b, p in zip(retune.blocks, m.bf16_peaks[: len(pairs)], strict=True)
         )
         retune_note += f"; {100 * share:.0f}% of the bf16 matmul peak"
     rows = [

@@ -140,23 +140,24 @@ def _peft_lora(spec: dict[str, Any], baton: Any) -> dict[str, Any]:
 SIDES = {"retune_lora": _retune_lora, "peft_lora": _peft_lora, "retune_full": _retune_full}
 
 
-def matmul_weights(config: Any) -> int:
-    """N: the weights of every matmul of a Llama-style decoder (q/k/v/o, gate/up/down, lm head)."""
+def _dims(config: Any) -> tuple[int, int, int, int]:
+    """(hidden size, query width, key/value width, MLP width) of a Llama-style decoder."""
     d = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
     q = config.num_attention_heads * head_dim
-    per_layer = d * q + 2 * d * kv + q * d + 3 * d * config.intermediate_size
+    return d, q, config.num_key_value_heads * head_dim, config.intermediate_size
+
+
+def matmul_weights(config: Any) -> int:
+    """N: the weights of every matmul of a Llama-style decoder (q/k/v/o, gate/up/down, lm head)."""
+    d, q, kv, ffn = _dims(config)
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * ffn
     return config.num_hidden_layers * per_layer + config.vocab_size * d
 
 
 def adapter_weights(config: Any, r: int, targets: list[str]) -> int:
     """The LoRA weights on `targets` (A: r x in, B: out x r per adapted projection)."""
-    d = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    q = config.num_attention_heads * head_dim
-    ffn = config.intermediate_size
+    d, q, kv, ffn = _dims(config)
     shapes = {
         "q_proj": (d, q),
         "k_proj": (d, kv),

@@ -180,12 +180,11 @@ def test_phi3_adapts_its_fused_projection_and_unknown_names_are_errors() -> None
         )
     )
     assert adapters.target_modules(phi3, LoraParams()) == ["qkv_proj"]
-    _, trainable = adapters.add_lora(phi3, tokenizer, LoraParams(r=4))
+    _, trainable = adapters.add_lora(phi3, LoraParams(r=4))
     assert trainable.lora is not None and trainable.lora["target_modules"] == ["qkv_proj"]
     with pytest.raises(BaseModelError, match=r"train\.lora\.target_modules=\['q_proj'\]"):
         adapters.add_lora(
             tiny_model("gpt2", family_tokenizer(FAMILIES["retune"])),
-            tokenizer,
             LoraParams(target_modules=("q_proj",)),
         )
 

@@ -81,7 +81,7 @@ def target_modules(model: Any, cfg: LoraParams) -> list[str]:
     return list(found)
 
 
-def add_lora(model: Any, tokenizer: Any, cfg: LoraParams) -> tuple[Any, Trainable]:
+def add_lora(model: Any, cfg: LoraParams) -> tuple[Any, Trainable]:
     """`model` wrapped in a LoRA adapter (only the adapter trains); returns it and what
     trains."""
     from peft import LoraConfig, get_peft_model

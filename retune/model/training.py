@@ -303,7 +303,7 @@ def schedule_done(checkpoint: Path) -> bool:
 def _trainable(model: Any, tokenizer: Any, cfg: TrainParams) -> tuple[Any, adapters.Trainable]:
     """The model as it trains under `cfg.adapter` (wrapped in a LoRA adapter, or as it is)."""
     if cfg.adapter == "lora":
-        return adapters.add_lora(model, tokenizer, cfg.lora)
+        return adapters.add_lora(model, cfg.lora)
     return model, adapters.full(model)
 
 

@@ -193,8 +193,9 @@ PIPELINE = (
         "Check the clean data against the data contract (Great Expectations).",
         reads=(CLEAN_RECORDS, CLEAN_MANIFEST, HYGIENE_REPORT),
         writes=(VALIDATE_DOCS, VALIDATE_REPORT),
-        # The contract expects no personal data of the kinds ingest redacts.
-        params=("validate", "representation", "ingest.redact"),
+        # The contract expects no personal data of the kinds ingest redacts, and (under
+        # train.loss_on: replies) a reply to train on in every conversation.
+        params=("validate", "representation", "ingest.redact", "train.loss_on"),
     ),
     Stage(
         "split",

@@ -73,8 +73,11 @@ class ValidateResult:
     run_id: str | None
 
 
-def build_suite(cfg: ValidateParams, redact: tuple[str, ...]) -> list[Expectation]:
-    """The data contract as GX expectations; `meta["name"]` is retune's name for each."""
+def build_suite(
+    cfg: ValidateParams, redact: tuple[str, ...], loss_on: str | None = None
+) -> list[Expectation]:
+    """The data contract as GX expectations; `meta["name"]` is retune's name for each. With
+    `loss_on="replies"` (train.loss_on) every record must give the loss something to train on."""
     import great_expectations as gx
 
     ge = gx.expectations
@@ -117,6 +120,18 @@ def build_suite(cfg: ValidateParams, redact: tuple[str, ...]) -> list[Expectatio
             ),
         ),
     ]
+    if loss_on == "replies":
+        suite.append(
+            ge.ExpectColumnValuesToBeBetween(
+                column="n_trained",
+                min_value=1,
+                meta={"name": "trains_on_a_reply"},
+                description=(
+                    "Every conversation has an assistant reply to train on (one of weight 1 or "
+                    "none), as train.loss_on: replies trains only on replies."
+                ),
+            )
+        )
     no_pii: Any = pii_expectation()  # a class GX creates on first use: fields unknown to mypy
     for kind in redact:
         suite.append(
@@ -188,6 +203,7 @@ def check(
     run_name: str = "validate",
     batch_rows: int = BATCH_ROWS,
     representation: RepresentationParams | None = None,
+    loss_on: str | None = None,
 ) -> CheckResult:
     """Run the suite over `records` (a table, a frame, or a records Parquet file) in an
     ephemeral GX context; if `docs_dir` is given, replace it with the Data Docs HTML of this run
@@ -198,15 +214,17 @@ def check(
     memory follows the batch, not the corpus, and the outcome is the same as in one pass.
 
     With `representation` (the `representation` section), the categories and languages the records
-    represent are checked too (see `representation_outcomes`)."""
+    represent are checked too (see `representation_outcomes`). With `loss_on` (train.loss_on),
+    "replies" checks every record has a reply to train on."""
     source = Records(records)
-    missing = [c for c in REQUIRED_COLUMNS if c not in source.columns]
+    required = [*REQUIRED_COLUMNS, *(["n_trained"] if loss_on == "replies" else [])]
+    missing = [c for c in required if c not in source.columns]
     if missing:
         raise DataValidationError(
             f"records lack the column(s) {', '.join(missing)}; they are not the prepared "
             "records that ingest writes (run ingest again)"
         )
-    expectations = build_suite(cfg, redact)
+    expectations = build_suite(cfg, redact, loss_on)
     context = gx_context(docs_dir)
     suite_result, rows = validate_in_batches(
         context,
@@ -294,6 +312,12 @@ def _problem(
             f"{n} have roles out of order (expected an optional system turn, then user and "
             "assistant alternating from the user, or one text document)"
         )
+    if name == "trains_on_a_reply":
+        return (
+            f"{n} give train nothing to train on under train.loss_on: replies (no assistant "
+            "reply, or every reply has weight 0): add a reply or a weight 1, remove them from "
+            "the input, or set train.loss_on: all"
+        )
     if name.startswith("no_"):
         kind = name[3:]
         what = _PII_WORDS.get(kind, kind)
@@ -371,6 +395,7 @@ def run(params: Params) -> ValidateResult:
         docs_dir=docs_dir,
         run_name=f"data {data_version[:12]}" if data_version else "validate",
         representation=params.representation,
+        loss_on=params.train.loss_on,
     )
     report = VALIDATE_REPORT.write(params, report_dict(result, data_version))
     failed = tuple(o.name for o in result.failed)

@@ -99,6 +99,40 @@ def test_each_bad_record_is_stopped_and_located(
     assert any(row.where() == where for row in outcome.rows)
 
 
+def test_records_with_nothing_to_train_on_break_the_contract_under_replies() -> None:
+    no_reply = Record(
+        messages=(("user", "Is anyone there?"),), source="chat.jsonl", line=6, format="chat_jsonl"
+    )
+    left_out = Record(
+        messages=(("user", "Draft a refund note."), ("assistant", "A draft."), ("user", "More?")),
+        source="chat.jsonl",
+        line=7,
+        format="chat_jsonl",
+        weights=(None, 0, None),
+    )
+    kept = Record(
+        messages=(("user", "Draft a note."), ("assistant", "Draft."), ("user", "Final?")),
+        source="chat.jsonl",
+        line=8,
+        format="chat_jsonl",
+        weights=(None, 1, None),
+    )
+    df = pd.concat([frame(), pd.DataFrame([r.to_row() for r in (no_reply, left_out, kept)])])
+    cfg = ValidateParams(min_examples=5)
+
+    result = check(df, cfg, REDACT, loss_on="replies")
+
+    assert [o.name for o in result.failed] == ["trains_on_a_reply"]
+    (outcome,) = result.failed
+    assert outcome.unexpected_count == 2  # the document of GOOD trains on its text
+    assert {row.where() for row in outcome.rows} == {"chat.jsonl:6", "chat.jsonl:7"}
+    message = error_message(result)
+    assert "2 record(s) give train nothing to train on under train.loss_on: replies" in message
+    assert "set train.loss_on: all" in message
+    # Under loss_on all every token trains: the same records keep the contract.
+    assert check(df, cfg, REDACT, loss_on="all").success
+
+
 def test_duplicate_names_both_copies() -> None:
     result = check(frame(GOOD[1]), ValidateParams(min_examples=5), REDACT)
     assert "chat.jsonl:2: Be brief. Refund status? Sent today." in error_message(result)

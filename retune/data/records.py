@@ -38,6 +38,9 @@ SCHEMA = pa.schema(
         ("text", pa.string()),  # contents joined by newlines, for text expectations
         ("n_messages", pa.int32()),
         ("n_chars", pa.int32()),
+        # Messages the loss trains on under train.loss_on: replies (see `n_trained`), for the
+        # contract's expectation that every record trains on something.
+        ("n_trained", pa.int32()),
         ("source", pa.string()),  # input file, relative to the incoming folder
         ("line", pa.int64()),  # 1-based line (JSONL/TXT) or data row (tables) of the first message
         ("format", pa.string()),  # see tasks.ingest.FORMATS
@@ -78,11 +81,24 @@ class Record:
             "text": text,
             "n_messages": len(self.messages),
             "n_chars": len(text),
+            "n_trained": n_trained(self.messages, self.weights),
             "source": self.source,
             "line": self.line,
             "format": self.format,
             "meta": json.dumps(self.meta, sort_keys=True, ensure_ascii=False),
         }
+
+
+def n_trained(messages: Sequence[tuple[str, str]], weights: Sequence[int | None] = ()) -> int:
+    """Messages of a record the loss trains on under `train.loss_on: replies`: a document's text
+    (a document always trains on all of it), or each assistant reply whose weight is not 0.
+    Packing never cuts a record short, so this is zero exactly when the record would give the
+    loss no token to train on."""
+    weights = tuple(weights) or (None,) * len(messages)
+    return sum(
+        role == "text" or (role == "assistant" and weight != 0)
+        for (role, _), weight in zip(messages, weights, strict=True)
+    )
 
 
 def record_id(messages: Sequence[tuple[str, str]]) -> str:

@@ -40,8 +40,9 @@ def pack(
     larger cost, and the holdout perplexity (scored per record, no context) shows no harm.
 
     A record that gives the loss no token (a conversation with no reply, or every reply of
-    weight 0, under loss_on replies) is a DataValidationError naming each as file:line: only
-    here are the tokenizer and its template known, which the data contract is not given."""
+    weight 0, under loss_on replies) is a DataValidationError naming each as file:line. The
+    data contract (`trains_on_a_reply`) stops such records first; this checks the tokens
+    themselves, for records the contract never saw (a split written by hand)."""
     import pyarrow.parquet as pq
     from datasets import Dataset
 

@@ -38,6 +38,7 @@ class LoraBaselineConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    bf16: bool = False  # TrainingArguments(bf16=True): autocast, as retune's train.precision
 
 
 def train(
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, tuple):
             parser.add_argument(flag, nargs="+", default=list(value))
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
     args = vars(parser.parse_args(argv))

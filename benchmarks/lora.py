@@ -3,9 +3,9 @@ the plain peft + Trainer script (benchmarks/baseline_lora.py), and against retun
 fine-tune of the same base, on the same machine in one interleaved run.
 
 Run: `python -m benchmarks.lora` (SmolLM2-135M-Instruct as `retune base` prepares it, 40 steps x
-4 x 256 tokens per side, ~30-40 min on 2 CPU cores), `--no-full` (the two LoRA sides only),
-`--smoke` (with `--base`, a tiny save_pretrained model: seconds), `--device cuda --dtype bf16`
-on a GPU. Writes benchmarks/results/lora.json (or under --out).
+4 x 256 tokens per side: ~30-40 min on 2 fp32 CPU cores, ~10 in bf16), `--no-full` (the two
+LoRA sides only), `--smoke` (with `--base`, a tiny save_pretrained model: seconds),
+`--device cuda` on a GPU. Writes benchmarks/results/lora.json (or under --out).
 
 The three sides train in their own processes, taking turns `--block-steps` steps at a time
 (benchmarks/interleave.py, the order rotating every round); the matmul peak of the precision
@@ -21,7 +21,9 @@ FLOPs per token (PaLM's convention, attention over the full T x T matrix), N = t
 every matmul (attention and MLP projections, the lm head; embedding lookups are not matmuls):
 full fine-tune 6N + 12·L·d·T; LoRA 4N + 6·N_adapter + 12·L·d·T, since frozen weights need the
 forward (2N) and the gradient of their input (2N) but no gradient of their own (2N saved).
-MFU is against the peak of the precision actually used: fp32 on a CPU without bf16 matmuls.
+MFU is against the peak of the precision actually used: the one retune's `train.precision`
+resolves to (`auto`: bf16 autocast on a CPU with AMX or AVX512-BF16 and on a bf16 GPU, else
+fp32; `--dtype` sets it), in which the plain script trains too (`TrainingArguments(bf16=True)`).
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ def _peft_lora(spec: dict[str, Any], baton: Any) -> dict[str, Any]:
             alpha=cfg.lora.alpha,
             dropout=cfg.lora.dropout,
             target_modules=tuple(spec["target_modules"]),
+            bf16=spec["bf16"],
         ),
         Path(spec["train_file"]),
         Path(spec["base"]),
@@ -132,7 +135,7 @@ def _peft_lora(spec: dict[str, Any], baton: Any) -> dict[str, Any]:
     return {
         "model_dir": str(out),
         "steps": int(metrics.get("global_step", cfg.max_steps)),
-        "precision": "fp32",
+        "precision": "bf16" if spec["bf16"] else "fp32",
         "trainable": None,
     }
 
@@ -234,7 +237,12 @@ def run_benchmark(
         "work": str(work),
         "block_steps": budget.block_steps,
     }
-    peak_dtype = "bf16" if device == "cuda" and dtype == "bf16" else "fp32"
+    from retune.model.training import resolve_precision
+
+    # The precision retune's train resolves (train.precision, or --dtype) is the one both
+    # LoRA sides train in and the one whose matmul peak the MFU is against.
+    peak_dtype = resolve_precision(dtype or params.train.precision, device)
+    spec["bf16"] = peak_dtype == "bf16"
     peaks: list[float] = []
 
     def between_rounds() -> str:

@@ -26,6 +26,7 @@ BENCHMARKS = (
     "train",
     "finetune",
     "lora",
+    "preference",
     "overhead",
     "busy_start",
     "interrupt",

@@ -341,6 +341,19 @@ def export_feedback(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PAR
     _guarded(export_run, resolved)
 
 
+@app.command("preference-data")
+def preference_data(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Turn the feedback store's ratings into the preference set `retune preference` tunes on.
+
+    KTO examples and DPO pairs in paths.preference (redacted, deduplicated, every rated
+    exchange accounted for), checked by its contract; `dvc add` the folder when DVC tracks it.
+    """
+    resolved = _guarded(_params, params, overrides)
+    from tasks.preference_data import run as preference_data_run
+
+    _guarded(preference_data_run, resolved)
+
+
 @app.command()
 def trace(
     file: Annotated[str, typer.Argument(help="An input file, relative to paths.incoming.")],

@@ -1,5 +1,6 @@
-"""Flow `retrain`: ingest -> hygiene -> validate -> split -> train -> cv -> evaluate -> register
--> promote.
+"""Flow `retrain`: ingest -> hygiene -> validate -> split -> train -> preference -> cv ->
+evaluate -> register -> promote, with the feedback store's ratings first turned into the
+preference set (`preference_data`).
 
 Entered by `retune run` / `make run` (and later by deployments). Each step is the stage's own
 `run(params)` wrapped as a Prefect task, so this flow and `dvc repro` execute the same code.
@@ -33,6 +34,8 @@ from tasks.evaluate import evaluate_task
 from tasks.export_feedback import export_feedback_task
 from tasks.hygiene import hygiene_task
 from tasks.ingest import ingest_task
+from tasks.preference import preference_task, why_not
+from tasks.preference_data import preference_data_task
 from tasks.promote import promote_task
 from tasks.register import register_task
 from tasks.split import split_task
@@ -45,6 +48,7 @@ STAGES = (
     ("validate", validate_task),
     ("split", split_task),
     ("train", train_task),
+    ("preference", preference_task),
     ("cv", cv_task),
     ("evaluate", evaluate_task),
     ("register", register_task),
@@ -169,9 +173,13 @@ def _retrain(params: Params, force: bool, export_feedback: bool) -> dict[str, An
     finished = finish_interrupted(params)
     if export_feedback:
         export_feedback_task(params)
+    # Before the fingerprint: new ratings make a retrain when preference tuning is on.
+    preference = preference_data_task(params)
     # Taken before ingest reads the folder: data landing mid-run is seen by the next check.
     incoming = incoming_fingerprint(params.paths.incoming)
-    fingerprint = run_fingerprint(params, incoming)
+    # Only ratings that will be tuned on make a retrain (too few change nothing).
+    tuned_on = preference.data_version if why_not(params, preference.folder) is None else None
+    fingerprint = run_fingerprint(params, incoming, tuned_on)
     if not force and last_fingerprint(params, RUN_FINGERPRINT_TAG) == fingerprint:
         return _up_to_date(params, fingerprint, finished)
     timings: dict[str, float] = {}

@@ -88,6 +88,10 @@ MANIFEST_FILE = "manifest.json"
 TRAIN_FILE = "train.parquet"
 HOLDOUT_FILE = "holdout.parquet"
 QUARANTINE_FILE = "quarantine.jsonl"
+# The preference set: one row per example in each; `exchanges` accounts for every rating.
+KTO_FILE = "kto.parquet"
+DPO_FILE = "dpo.parquet"
+EXCHANGES_FILE = "exchanges.parquet"
 
 INCOMING = Artifact("incoming", None, None)
 # ingest
@@ -116,8 +120,12 @@ SPLIT = Artifact("split", None, "split")
 TRAIN_SPLIT = Artifact("split", TRAIN_FILE, "split")
 HOLDOUT_SPLIT = Artifact("split", HOLDOUT_FILE, "split")
 SPLIT_REPORT = Artifact("reports", "split.json", "split", headline=("n_train", "n_holdout"))
-# train
-MODEL = Artifact("model", None, "train")
+# preference_data: off `dvc repro` (the feedback store is a live database), like INCOMING a
+# folder DVC tracks with `dvc add`.
+PREFERENCE_SET = Artifact("preference", None, "preference-data")
+PREFERENCE_DATA_REPORT = Artifact("reports", "preference_data.json", "preference-data")
+# train: the supervised fine-tune
+SFT_MODEL = Artifact("sft", None, "train")
 TRAIN_REPORT = Artifact(
     "reports",
     "train.json",
@@ -125,6 +133,11 @@ TRAIN_REPORT = Artifact(
     headline=("train_loss", "eval_loss", "steps", "tokens_per_s"),
 )
 TRAIN_LOSS = Artifact("reports", "train_loss.csv", "train", "plot")
+# preference: the candidate every later stage reads (the sft model, preference-tuned or not)
+MODEL = Artifact("model", None, "preference")
+PREFERENCE_REPORT = Artifact(
+    "reports", "preference.json", "preference", headline=("tuned", "steps", "train_loss")
+)
 # cv
 CV_REPORT = Artifact(
     "reports", "cv.json", "cv", headline=("k", "perplexity_mean", "perplexity_std")
@@ -134,6 +147,8 @@ CV_CHART = Artifact("reports", "cv_folds.png", "cv")
 # evaluate
 HOLDOUT_SCORES = Artifact("reports", "holdout_scores.parquet", "evaluate")
 GENERATIONS = Artifact("reports", "generations.csv", "evaluate")
+# Users' held-out rated replies under the candidate, for the gate's ratings check.
+RATED_SCORES = Artifact("reports", "rated_scores.parquet", "evaluate")
 EVALUATE_REPORT = Artifact(
     "reports",
     "evaluate.json",
@@ -208,8 +223,23 @@ PIPELINE = (
         "train",
         "Fine-tune the model on the train split; start the MLflow run.",
         reads=(TRAIN_SPLIT, HOLDOUT_SPLIT, CLEAN_MANIFEST),
-        writes=(MODEL, TRAIN_REPORT, TRAIN_LOSS),
+        writes=(SFT_MODEL, TRAIN_REPORT, TRAIN_LOSS),
         params=("seed", "train"),
+    ),
+    Stage(
+        "preference",
+        "Tune the supervised model on users' ratings (preference.method), or hand it on.",
+        reads=(SFT_MODEL, PREFERENCE_SET, TRAIN_REPORT),
+        writes=(MODEL, PREFERENCE_REPORT),
+        # train.*: the adapter and precision of the supervised run, the context length.
+        params=(
+            "seed",
+            "preference",
+            "train.adapter",
+            "train.lora",
+            "train.max_seq_len",
+            "train.precision",
+        ),
     ),
     Stage(
         "cv",
@@ -221,22 +251,38 @@ PIPELINE = (
     Stage(
         "evaluate",
         "Score the model on the holdout against a unigram baseline.",
-        reads=(MODEL, TRAIN_SPLIT, HOLDOUT_SPLIT, TRAIN_REPORT),
-        writes=(HOLDOUT_SCORES, GENERATIONS, EVALUATE_REPORT),
+        reads=(MODEL, TRAIN_SPLIT, HOLDOUT_SPLIT, TRAIN_REPORT, PREFERENCE_SET),
+        writes=(HOLDOUT_SCORES, GENERATIONS, RATED_SCORES, EVALUATE_REPORT),
         # train.base_model: a pretrained base is scored too, to show what fine-tuning bought.
         params=("evaluate", "scoring", "train.base_model", "train.loss_on"),
     ),
     Stage(
         "register",
         "Log the model to MLflow and register a new version.",
-        reads=(MODEL, TRAIN_REPORT, EVALUATE_REPORT, CLEAN_MANIFEST, INGEST_REPORT, SPLIT_REPORT),
+        reads=(
+            MODEL,
+            TRAIN_REPORT,
+            PREFERENCE_REPORT,
+            EVALUATE_REPORT,
+            CLEAN_MANIFEST,
+            INGEST_REPORT,
+            SPLIT_REPORT,
+        ),
         writes=(REGISTER_REPORT, MODEL_CARD),
         params=("register",),
     ),
     Stage(
         "promote",
         "Gate the version register just added against production; move the alias.",
-        reads=(HOLDOUT_SPLIT, TRAIN_REPORT, REGISTER_REPORT, EVALUATE_REPORT, HOLDOUT_SCORES),
+        reads=(
+            HOLDOUT_SPLIT,
+            TRAIN_REPORT,
+            REGISTER_REPORT,
+            EVALUATE_REPORT,
+            HOLDOUT_SCORES,
+            PREFERENCE_SET,
+            RATED_SCORES,
+        ),
         writes=(PROMOTE_REPORT,),
         # Production is rescored on the tokens the candidate's loss trained (and evaluate scored).
         params=("seed", "promote", "scoring", "register.model_name", "train.loss_on"),

@@ -32,6 +32,8 @@ class PathsParams:
     quarantine: Path = Path("data/quarantine")
     clean: Path = Path("data/clean")
     split: Path = Path("data/split")
+    preference: Path = Path("data/preference")
+    sft: Path = Path("models/sft")
     model: Path = Path("models/candidate")
     checkpoints: Path = Path("models/checkpoints")
     reports: Path = Path("reports")
@@ -248,6 +250,47 @@ class TrainParams:
 
 
 @dataclass(config=_STRICT)
+class PreferenceDataParams:
+    """`preference_data`: the feedback store's rated exchanges as a preference set."""
+
+    # A score at or above this is desirable, below it undesirable ("up"/"down" say it outright).
+    score_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    # all: ratings of every version of register.model_name (a rating judges the reply's text,
+    # whichever version wrote it); newest: only those of the newest version that has ratings.
+    versions: Literal["all", "newest"] = "all"
+    # Rated exchanges kept out of tuning, by a hash of the prompt: the gate's feedback check.
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    # Prompt and reply together, in characters: longer ones are skipped, since the tuning
+    # context is train.max_seq_len tokens (about 4 characters each in English).
+    max_chars: Annotated[int, Field(ge=1)] = 1_000
+    # The contract: tuning examples of each label (kto), and pairs (dpo), at least this many.
+    min_per_label: Annotated[int, Field(ge=1)] = 20
+
+
+@dataclass(config=_STRICT)
+class PreferenceParams:
+    """`preference`: tune the supervised model on the preference set, with it as reference."""
+
+    # kto: unpaired up/down ratings; dpo: corrected replies (chosen) against the served ones
+    # (rejected); none: always hand the supervised model on.
+    method: Literal["none", "kto", "dpo"] = "kto"
+    # Until there are this many tuning examples (kto) or pairs (dpo), the stage hands the
+    # supervised model on unchanged, saying so: the loop starts tuning once ratings accrue.
+    min_examples: Annotated[int, Field(ge=1)] = 200
+    beta: Annotated[float, Field(gt=0.0)] = 0.1
+    # KTO's weights on desirable and undesirable examples; null balances the labels (the
+    # rarer label's weight raised so both weigh the same in all).
+    desirable_weight: Annotated[float, Field(gt=0.0)] | None = None
+    undesirable_weight: Annotated[float, Field(gt=0.0)] | None = None
+    learning_rate: Annotated[float, Field(gt=0.0)] = 5.0e-5
+    max_steps: Annotated[int, Field(ge=1)] = 100
+    # At least 2 for KTO: its KL term pairs each prompt with another example's reply.
+    per_device_train_batch_size: Annotated[int, Field(ge=2)] = 8
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+
+
+@dataclass(config=_STRICT)
 class ScoringParams:
     """How a model is scored on holdout examples, the same way wherever it is: `evaluate`, each
     `cv` fold, `promote` (the champion rescored on the candidate's holdout) and `drift`."""
@@ -313,6 +356,11 @@ class PromoteParams:
     # unit: bits per byte (bits_per_byte) or nats per token (perplexity). 0 means "better
     # beyond the noise", more demands a bigger step before production moves.
     margin: Annotated[float, Field(ge=0.0)] = 0.0
+    # Users' held-out ratings (paths.preference, the holdout split): a candidate worse there
+    # is rejected; one better there beyond the noise may lose this much on the holdout (the
+    # metric's unit). The check needs `min_rated` held-out replies of each label.
+    max_holdout_loss: Annotated[float, Field(ge=0.0)] = 0.01
+    min_rated: Annotated[int, Field(ge=2)] = 10
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
     bootstrap_samples: Annotated[int, Field(ge=100)] = 2_000
     # Absolute gates (null turns one off). A gated metric missing from evaluate.json fails.
@@ -388,7 +436,9 @@ class Params:
     representation: RepresentationParams = field(default_factory=RepresentationParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     split: SplitParams = field(default_factory=SplitParams)
+    preference_data: PreferenceDataParams = field(default_factory=PreferenceDataParams)
     train: TrainParams = field(default_factory=TrainParams)
+    preference: PreferenceParams = field(default_factory=PreferenceParams)
     scoring: ScoringParams = field(default_factory=ScoringParams)
     cv: CvParams = field(default_factory=CvParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,14 @@ from retune.artifacts import (
     HOLDOUT_SCORES,
     HOLDOUT_SPLIT,
     MODEL,
+    PREFERENCE_SET,
+    RATED_SCORES,
     TRAIN_REPORT,
     TRAIN_SPLIT,
     pipeline_run_id,
 )
 from retune.config import EvaluateParams, Params, ScoringParams, TrackingParams
+from retune.data.preference import set_rows
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.model.scoring import (
@@ -36,6 +39,7 @@ from retune.model.scoring import (
     encode_targets,
     max_positions,
     score_examples,
+    score_rated,
     score_replies,
     select_holdout,
 )
@@ -75,6 +79,8 @@ class EvaluateResult:
     base_perplexity: float | None
     scores_file: Path
     generations_file: Path
+    # Users' held-out rated replies scored (`rated_file`), for the gate's ratings check.
+    n_rated: int = 0
 
     def metrics(self) -> dict[str, float | int]:
         """The numbers for reports/evaluate.json and MLflow (reply metrics only if any)."""
@@ -176,6 +182,8 @@ def score(
     generations_file: Path,
     base_model: str = "scratch",
     loss_on: str = "all",
+    rated: Sequence[Mapping[str, Any]] = (),
+    rated_file: Path | None = None,
 ) -> EvaluateResult:
     """Score the model in `model_dir` on up to `scoring.max_examples` holdout records.
 
@@ -185,7 +193,8 @@ def score(
     `generations_file` (CSV, `retune.model.scoring.GENERATION_COLUMNS`). A pretrained
     `base_model` (train.base_model other than "scratch") is scored on the same examples too.
     `loss_on` (train.loss_on) picks the tokens scored, and counted by the unigram baseline:
-    the ones train's loss trains on.
+    the ones train's loss trains on. `rated` (the preference set's held-out KTO rows) are
+    scored into `rated_file` (`retune.model.scoring.RATED_SCHEMA`), for the gate.
     """
     import torch
 
@@ -246,6 +255,13 @@ def score(
     def reply(name: str) -> float | None:
         return float(replies[name]) if name in replies else None
 
+    if rated_file is not None:
+        rated_scores = score_rated(
+            model, tokenizer, rated, scoring.batch_size, max_seq_len, log_prefix="evaluate"
+        )
+        rated_file.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(rated_scores, rated_file)
+
     return EvaluateResult(
         perplexity=float(figures["perplexity"]),
         next_token_accuracy=float(figures["next_token_accuracy"]),
@@ -271,6 +287,7 @@ def score(
         base_perplexity=base["perplexity"] if base is not None else None,
         scores_file=scores_file,
         generations_file=generations_file,
+        n_rated=len(rated) if rated_file is not None else 0,
     )
 
 
@@ -323,6 +340,8 @@ def run(params: Params) -> EvaluateResult:
         generations_file=GENERATIONS.path(params),
         base_model=params.train.base_model,
         loss_on=params.train.loss_on,
+        rated=set_rows(PREFERENCE_SET.path(params), "kto", "holdout"),
+        rated_file=RATED_SCORES.path(params),
     )
     # Compute alone (loading, scoring, generating), apart from MLflow logging: what the
     # overhead benchmark subtracts from the flow's wall time.

@@ -11,10 +11,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from retune.artifacts import EXPORT_FEEDBACK_REPORT, INCOMING, PREPARED_RECORDS
 from retune.config import Params
-from retune.data.pii import redact
 from retune.data.records import ROLE_ORDER_REGEX, record_id
-from retune.data.text import normalize_text
+from retune.data.versioning import dvc_add
 from retune.entry import stage_main, stage_task
+from retune.online.feedback import clean_messages, deciding_feedback
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,25 +72,6 @@ class ExportResult:
         return asdict(self)
 
 
-def _latest(rows: pd.DataFrame) -> dict[str, Any]:
-    """The feedback that decides an interaction: its latest correction, else its latest rating
-    (people change their minds; a correction says what the reply should have been)."""
-    corrected = rows[rows["corrected_reply"].notna()]
-    chosen = corrected if len(corrected) else rows
-    row: dict[str, Any] = chosen.iloc[-1].to_dict()
-    return row
-
-
-def _clean(messages: Iterable[dict[str, str]], kinds: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Messages as ingest stores them (cleaned, then redacted), so their record id is the one
-    ingest will give them."""
-    out = []
-    for m in messages:
-        text = normalize_text(m["content"])
-        out.append((m["role"].strip().lower(), redact(text, kinds)[0] if kinds else text))
-    return out
-
-
 def exchanges(
     feedback: pd.DataFrame, redact_kinds: tuple[str, ...], max_chars: int
 ) -> tuple[list[Exchange], dict[str, int]]:
@@ -107,7 +84,7 @@ def exchanges(
     if feedback.empty:
         return found, counts
     for interaction_id, rows in feedback.groupby("interaction_id", sort=False):
-        row = _latest(rows)
+        row = deciding_feedback(rows)
         correction = row["corrected_reply"]
         if isinstance(correction, str):
             kind, reply = "corrected", correction
@@ -116,7 +93,9 @@ def exchanges(
             continue
         else:
             kind, reply = "rated", row["reply"]
-        messages = _clean([*row["messages"], {"role": "assistant", "content": reply}], redact_kinds)
+        messages = clean_messages(
+            [*row["messages"], {"role": "assistant", "content": reply}], redact_kinds
+        )
         roles = " ".join(r for r, _ in messages)
         if not _ROLE_ORDER.match(roles) or any(not c or len(c) > max_chars for _, c in messages):
             counts["skipped_invalid"] += 1
@@ -200,44 +179,6 @@ def export(
     )
 
 
-def _dvc_root(path: Path) -> Path | None:
-    for folder in [path, *path.parents]:
-        if (folder / ".dvc").is_dir():
-            return folder
-    return None
-
-
-def _dvc_executable() -> str | None:
-    beside = Path(sys.executable).parent / "dvc"
-    return str(beside) if beside.exists() else shutil.which("dvc")
-
-
-def dvc_add(incoming: Path) -> tuple[str, str | None]:
-    """`dvc add` the incoming folder if DVC tracks it (`<incoming>.dvc` in a DVC repository):
-    the export becomes a new data version. Returns (what happened, the user's next step)."""
-    folder = incoming.resolve()
-    pointer = folder.with_name(folder.name + ".dvc")
-    root = _dvc_root(folder.parent)
-    if root is None:
-        return f"skipped: {incoming} is not in a DVC repository", None
-    if not pointer.exists():
-        return f"skipped: DVC does not track {incoming} (no {pointer.name} beside it)", None
-    dvc = _dvc_executable()
-    if dvc is None:
-        return "skipped: the dvc command is not installed", f"dvc add {incoming}"
-    target = folder.relative_to(root)
-    print(f"export_feedback: dvc add {target}", flush=True)
-    done = subprocess.run(
-        [dvc, "add", str(target)], cwd=root, capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        error = (done.stderr or done.stdout).strip().splitlines()
-        why = error[-1] if error else f"exit {done.returncode}"
-        print(f"export_feedback: warning: dvc add failed: {why}", flush=True)
-        return f"failed: {why}", f"dvc add {target}"
-    return "added", f"git add {pointer.relative_to(root)}"
-
-
 def run(params: Params) -> ExportResult:
     """Edge: export the feedback store's new corrected and well-rated exchanges of
     `register.model_name` into `paths.incoming` (redacted with `ingest.redact`, deduplicated
@@ -258,7 +199,7 @@ def run(params: Params) -> ExportResult:
         params.ingest.max_message_chars,
     )
     if result.file is not None:
-        dvc, step = dvc_add(params.paths.incoming)
+        dvc, step = dvc_add(params.paths.incoming, "export_feedback")
         result = dataclasses.replace(result, dvc=dvc, next_step=step)
     EXPORT_FEEDBACK_REPORT.write(params, result.report())
     print(

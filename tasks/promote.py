@@ -7,7 +7,7 @@ as `retune gate`; `retune promote <version>` calls `promote_version` for a perso
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,12 +16,15 @@ from retune.artifacts import (
     EVALUATE_REPORT,
     HOLDOUT_SCORES,
     HOLDOUT_SPLIT,
+    PREFERENCE_SET,
     PROMOTE_REPORT,
+    RATED_SCORES,
     REGISTER_REPORT,
     TRAIN_REPORT,
     pipeline_run_id,
 )
 from retune.config import Params, PromoteParams, ScoringParams
+from retune.data.preference import set_rows
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.release.gate import (
@@ -29,7 +32,9 @@ from retune.release.gate import (
     Comparison,
     Decision,
     GateError,
+    RatingsComparison,
     compare,
+    compare_ratings,
     decide,
     diverged,
 )
@@ -56,6 +61,8 @@ class PromoteResult:
     champion_metrics: dict[str, float] | None
     comparison: dict[str, Any] | None
     decided_by: str
+    # The ratings check (`retune.release.gate.RatingsComparison`), None when not run.
+    ratings: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> str:
@@ -70,14 +77,20 @@ class PromoteResult:
 
 
 def score_registered(
-    model_name: str, version: int, holdout_file: Path, scoring: ScoringParams, loss_on: str
-) -> pa.Table:
+    model_name: str,
+    version: int,
+    holdout_file: Path,
+    scoring: ScoringParams,
+    loss_on: str,
+    rated: Sequence[Mapping[str, Any]] = (),
+) -> tuple[pa.Table, pa.Table | None]:
     """Per-example scores of a registered version on `holdout_file` (today's holdout), on the
-    tokens `loss_on` (train.loss_on) trains: those the candidate's evaluation scored."""
-    from retune.model.scoring import score_examples
+    tokens `loss_on` (train.loss_on) trains: those the candidate's evaluation scored; and
+    its scores of the `rated` replies (None when there are none)."""
+    from retune.model.scoring import score_examples, score_rated
 
     model, tokenizer = load_version(model_name, version, log_prefix="promote")
-    return score_examples(
+    scores = score_examples(
         model,
         tokenizer,
         holdout_file,
@@ -87,6 +100,33 @@ def score_registered(
         loss_on=loss_on,
         log_prefix=f"promote: v{version}",
     )
+    if not rated:
+        return scores, None
+    rated_scores = score_rated(
+        model,
+        tokenizer,
+        rated,
+        scoring.batch_size,
+        scoring.max_seq_len,
+        log_prefix=f"promote: v{version}",
+    )
+    return scores, rated_scores
+
+
+def rated_for_gate(
+    rated: Sequence[Mapping[str, Any]], candidate: pa.Table | None, min_rated: int
+) -> list[Mapping[str, Any]]:
+    """The held-out rated replies the ratings check uses: those the candidate scored, when
+    it scored at least `min_rated` of each label (else none: too few to tell)."""
+    if candidate is None:
+        return []
+    ids, n_tokens = candidate.column("id").to_pylist(), candidate.column("n_tokens").to_pylist()
+    scored = {rid for rid, n in zip(ids, n_tokens, strict=True) if n}
+    kept = [r for r in rated if str(r["id"]) in scored]
+    liked = sum(bool(r["label"]) for r in kept)
+    if min(liked, len(kept) - liked) < min_rated:
+        return []
+    return kept
 
 
 def _numbers(data: Mapping[str, Any]) -> dict[str, float]:
@@ -122,6 +162,8 @@ def gate(
     reason: str | None = None,
     scores_source: str = "the candidate",
     loss_on: str = "all",
+    rated: Sequence[Mapping[str, Any]] = (),
+    candidate_rated: pa.Table | None = None,
 ) -> PromoteResult:
     """Judge `version` against the current production on `holdout_file`; record and apply.
 
@@ -131,6 +173,9 @@ def gate(
     decision and moves the alias the decision names (recorded in the promotion history).
     `candidate_scores` None (forced only) skips the comparison, and so does a candidate whose
     training diverged (`retune.release.gate.diverged`): it is rejected with that reason.
+    With users' held-out `rated` replies and the candidate's scores of them (`candidate_rated`,
+    from evaluate), production scores them too and the ratings check joins the decision
+    (`retune.release.gate.compare_ratings`), given `cfg.min_rated` of each label.
     """
     from retune.model.scoring import aggregate
 
@@ -139,12 +184,14 @@ def gate(
         raise RegistryError(f"{registry.model_name} v{version} is already production")
     champion_metrics: dict[str, float] | None = None
     comparison: Comparison | None = None
+    ratings: RatingsComparison | None = None
+    checked = rated_for_gate(rated, candidate_rated, cfg.min_rated)
     # A diverged candidate is rejected on its own figures: comparing infinities would say
     # nothing (and scoring production for it is wasted time).
     divergence = diverged(candidate_metrics)
     if production is not None and candidate_scores is not None and divergence is None:
-        champion_scores = score_registered(
-            registry.model_name, production, holdout_file, scoring, loss_on
+        champion_scores, champion_rated = score_registered(
+            registry.model_name, production, holdout_file, scoring, loss_on, checked
         )
         _same_examples(candidate_scores, champion_scores, scores_source)
         champion_metrics = _numbers(aggregate(champion_scores))
@@ -156,6 +203,10 @@ def gate(
             seed,
             metric=cfg.metric,
         )
+        if champion_rated is not None and candidate_rated is not None:
+            ratings = compare_ratings(
+                candidate_rated, champion_rated, cfg.confidence, cfg.bootstrap_samples, seed
+            )
     elif production is not None:
         # Production exists and was not scored (forced with no holdout, or a diverged candidate).
         champion_metrics = {}
@@ -168,6 +219,7 @@ def gate(
         forced=forced,
         reason=reason,
         compared_version=production,
+        ratings=ratings,
     )
     registry.record_decision(
         version, decision, candidate_metrics, champion_metrics, production, decided_by
@@ -197,6 +249,7 @@ def gate(
         champion_metrics=champion_metrics,
         comparison=comparison.to_dict() if comparison is not None else None,
         decided_by=decided_by,
+        ratings=ratings.to_dict() if ratings is not None else None,
     )
 
 
@@ -267,6 +320,12 @@ def run(params: Params) -> PromoteResult:
         decided_by=GATE_ACTOR,
         scores_source=str(scores_file),
         loss_on=params.train.loss_on,
+        rated=set_rows(PREFERENCE_SET.path(params), "kto", "holdout"),
+        candidate_rated=(
+            pq.read_table(RATED_SCORES.path(params))
+            if RATED_SCORES.path(params).is_file()
+            else None
+        ),
     )
     PROMOTE_REPORT.write(params, result.report())
     _log_to_pipeline_run(params, result)
@@ -306,13 +365,14 @@ def promote_version(
     info = registry.version(version)
     holdout_file = HOLDOUT_SPLIT.path(params)
     scoring = params.scoring
-    candidate_scores = None
+    candidate_scores = candidate_rated = None
+    rated = set_rows(PREFERENCE_SET.path(params), "kto", "holdout")
     metrics = _version_metrics(info.tags)
     if registry.production() == version:
         raise RegistryError(f"{registry.model_name} v{version} is already production")
     if holdout_file.exists():
-        candidate_scores = score_registered(
-            registry.model_name, version, holdout_file, scoring, params.train.loss_on
+        candidate_scores, candidate_rated = score_registered(
+            registry.model_name, version, holdout_file, scoring, params.train.loss_on, rated
         )
         metrics.update(_numbers(aggregate(candidate_scores)))
     elif not force:
@@ -333,6 +393,8 @@ def promote_version(
         forced=force,
         reason=reason,
         loss_on=params.train.loss_on,
+        rated=rated,
+        candidate_rated=candidate_rated,
     )
 
 

@@ -23,6 +23,7 @@ from retune.artifacts import (
     INGEST_REPORT,
     MODEL,
     MODEL_CARD,
+    PREFERENCE_REPORT,
     REGISTER_REPORT,
     SPLIT_REPORT,
     require_pipeline_run_id,
@@ -63,6 +64,8 @@ class ModelFacts:
     # What train says it trained (train.json): loss_on, adapter, lora, trainable_params and
     # trainable_share, base_model {name, provenance}.
     trained: dict[str, Any] = field(default_factory=dict)
+    # What the preference stage did (preference.json): tuned, method, reason, steps, ...
+    preference: dict[str, Any] = field(default_factory=dict)
 
     @property
     def evaluated(self) -> bool:
@@ -151,6 +154,19 @@ def _metric_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _preference_text(report: Mapping[str, Any]) -> str:
+    """What the preference stage did to the supervised model, in a phrase."""
+    if not report:
+        return "not recorded"
+    if not report.get("tuned"):
+        return f"none ({report.get('reason', 'not tuned')})"
+    version = str(report.get("data_version") or "unknown")[:12]
+    return (
+        f"{str(report.get('method', '?')).upper()} on users' ratings: {report.get('reason')}, "
+        f"preference data `{version}`; the supervised model as the frozen reference"
+    )
+
+
 def model_card(facts: ModelFacts) -> str:
     """The Markdown model card of `facts`: identity, data, evaluation, training, use, limits."""
     name, version = facts.model_name, facts.version
@@ -171,6 +187,7 @@ def model_card(facts: ModelFacts) -> str:
         f"| MLflow run | `{facts.run_id}` |",
         f"| Base model | {_base_text(facts)} |",
         f"| Trained | {_trained_text(facts.trained)} |",
+        f"| Preference tuning | {_preference_text(facts.preference)} |",
         f"| Architecture | {_architecture_text(facts.architecture)} |",
         f"| Code | git `{commit}`{dirty} |",
         f"| Data version | `{facts.data_version or 'unknown'}` |",
@@ -410,7 +427,7 @@ def register(
     if not (model_dir / "config.json").is_file():
         raise RetuneError(
             f"paths.model={model_dir}: no fine-tuned model there (config.json missing); "
-            "run `train` first"
+            "run `train` and `preference` first"
         )
     # An absolute path: MLflow looks a relative `name_or_path` up on the hub as a repo id.
     model, tokenizer = load_pretrained(model_dir.resolve())
@@ -533,6 +550,7 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
         metrics={k: v for k, v in _numbers(evaluation or {}).items() if k != "score_s"},
         train_stats=train_stats,
         trained=trained,
+        preference=PREFERENCE_REPORT.read_if_present(params) or {},
     )
 
 

@@ -16,7 +16,7 @@ from retune.artifacts import (
     CLEAN_MANIFEST,
     HOLDOUT_SPLIT,
     INGEST_REPORT,
-    MODEL,
+    SFT_MODEL,
     TRAIN_LOSS,
     TRAIN_REPORT,
     TRAIN_SPLIT,
@@ -29,10 +29,10 @@ from retune.model.adapters import ADAPTER_DIR
 from retune.model.base import PROVENANCE
 from retune.model.checkpoints import checkpoint_step, file_sha256
 from retune.model.training import History, TrainResult, train
-from retune.release.tracking import setup_tracking
+from retune.release.tracking import setup_tracking, step_metrics_callback
 
 if TYPE_CHECKING:
-    from transformers import TrainerCallback
+    pass
 
 # Trainer log key -> MLflow metric name, logged with the optimizer step.
 _STEP_METRICS = {
@@ -41,23 +41,6 @@ _STEP_METRICS = {
     "learning_rate": "learning_rate",
     "grad_norm": "grad_norm",
 }
-
-
-def _mlflow_callback() -> TrainerCallback:
-    """Streams loss, eval loss and learning rate into the active MLflow run, by step."""
-    import mlflow
-    from transformers import TrainerCallback
-
-    class MlflowMetrics(TrainerCallback):
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
-        ) -> None:
-            logs = logs or {}
-            metrics = {name: float(logs[key]) for key, name in _STEP_METRICS.items() if key in logs}
-            if metrics:
-                mlflow.log_metrics(metrics, step=state.global_step)
-
-    return MlflowMetrics()
 
 
 def _log_history(history: History, up_to: int) -> None:
@@ -130,7 +113,7 @@ def ending_facts(result: TrainResult) -> dict[str, Any]:
 
 
 def run(params: Params) -> TrainResult:
-    """Edge: start the pipeline's MLflow run, train on the split, save to `paths.model`, and
+    """Edge: start the pipeline's MLflow run, train on the split, save to `paths.sft`, and
     write reports/train.json (with the run id) and reports/train_loss.csv."""
     import mlflow
 
@@ -154,9 +137,9 @@ def run(params: Params) -> TrainResult:
             params.seed,
             train_file,
             holdout_file,
-            MODEL.path(params),
+            SFT_MODEL.path(params),
             paths.checkpoints,
-            callbacks=[_mlflow_callback()],
+            callbacks=[step_metrics_callback(_STEP_METRICS)],
         )
         final = {
             "train_runtime_s": result.runtime_s,
@@ -176,7 +159,7 @@ def run(params: Params) -> TrainResult:
             final["trainable_params"] = float(result.trainable.trainable_params)
             final["trainable_share"] = result.trainable.share
             mlflow.log_param("trained", result.trainable.describe())
-        adapter = MODEL.path(params) / ADAPTER_DIR
+        adapter = SFT_MODEL.path(params) / ADAPTER_DIR
         if adapter.is_dir():
             mlflow.log_artifacts(str(adapter), artifact_path="adapter")
         if result.resumed_from is not None:

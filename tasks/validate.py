@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import asdict, dataclass
-from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +26,13 @@ from retune.config import Params, RepresentationParams, ValidateParams
 from retune.data.gx_batches import (
     BATCH_ROWS,
     ExpectationOutcome,
-    OffendingRow,
     Records,
-    exception_message,
     gx_context,
+    suite_outcomes,
     validate_in_batches,
 )
 from retune.data.pii import PLACEHOLDERS, WORDS
-from retune.data.pii import kinds_in as pii_kinds_in
+from retune.data.pii_expectation import pii_expectation, pii_in
 from retune.data.records import ROLE_ORDER_REGEX
 from retune.data.representation_suite import representation_outcomes
 from retune.entry import stage_main, stage_task
@@ -149,52 +147,6 @@ def build_suite(
     return suite
 
 
-@cache  # cleared after each batch (`check`)
-def _pii_in(text: str) -> frozenset[str]:
-    """Every kind's detector, run once per text: the suite's seven per-kind expectations all
-    ask this (one pass instead of seven took validate of 1M records from 50.7 s to 45.1 s)."""
-    return pii_kinds_in(text)
-
-
-@lru_cache(maxsize=1)
-def pii_expectation() -> type[Expectation]:
-    """`ExpectColumnValuesToHoldNoPii(column=, kind=)`: a GX expectation that runs ingest's own
-    detector (retune.data.pii.find) on every value. A regular expression cannot check a Luhn digit,
-    an IBAN checksum or a phone number's validity, so `validate` would disagree with `ingest`.
-    Defined on first use (GX registers it then), so importing this module stays light."""
-    from typing import ClassVar
-
-    from great_expectations.execution_engine import PandasExecutionEngine
-    from great_expectations.expectations.expectation import ColumnMapExpectation
-    from great_expectations.expectations.metrics.map_metric_provider import (
-        ColumnMapMetricProvider,
-        column_condition_partial,
-    )
-
-    class ColumnValuesHoldNoPii(ColumnMapMetricProvider):  # registered by GX on creation
-        condition_metric_name = "column_values.retune_hold_no_pii"
-        condition_value_keys = ("kind",)
-
-        @column_condition_partial(engine=PandasExecutionEngine)  # type: ignore[misc]
-        def _pandas(cls, column: pd.Series, kind: str, **kwargs: Any) -> pd.Series:
-            return column.map(lambda text: not isinstance(text, str) or kind not in _pii_in(text))
-
-    class ExpectColumnValuesToHoldNoPii(ColumnMapExpectation):
-        """Expect no value to hold personal data or a secret of `kind` (see retune.data.pii)."""
-
-        kind: str
-        map_metric = "column_values.retune_hold_no_pii"
-        success_keys = ("kind", "mostly")
-        args_keys = ("column", "kind")
-        library_metadata: ClassVar[dict[str, Any]] = {
-            "maturity": "production",
-            "tags": ["retune", "pii"],
-            "contributors": ["retune"],
-        }
-
-    return ExpectColumnValuesToHoldNoPii
-
-
 def check(
     records: pa.Table | pd.DataFrame | Path,
     cfg: ValidateParams,
@@ -234,17 +186,13 @@ def check(
         cfg.failed_rows_shown,
         run_name,
         batch_rows,
-        after_batch=_pii_in.cache_clear,
+        after_batch=pii_in.cache_clear,
     )
-    order = [(e.meta or {}).get("name") for e in expectations]  # GX returns its own order
-    outcomes = tuple(
-        sorted(
-            (
-                _outcome(r.expectation_config, r, rows[i], cfg)
-                for i, r in enumerate(suite_result.results)
-            ),
-            key=lambda o: order.index(o.name) if o.name in order else len(order),
-        )
+    outcomes = suite_outcomes(
+        expectations,
+        suite_result,
+        rows,
+        lambda name, count, observed, error: _problem(name, count, observed, cfg, error),
     )
     if representation is not None:
         outcomes += representation_outcomes(
@@ -260,29 +208,6 @@ def check(
         n_records=source.num_rows,
         expectations=outcomes,
         docs_index=docs_index,
-    )
-
-
-def _outcome(
-    config: Any, result: Any, rows: tuple[OffendingRow, ...], cfg: ValidateParams
-) -> ExpectationOutcome:
-    name = (config.meta or {}).get("name", config.type)
-    column = config.kwargs.get("column")
-    info = result.result or {}
-    count = info.get("unexpected_count")
-    percent = info.get("unexpected_percent")
-    observed = info.get("observed_value")
-    error = exception_message(result.exception_info)
-    return ExpectationOutcome(
-        name=name,
-        type=config.type,
-        column=column,
-        success=bool(result.success),
-        problem=_problem(name, count, observed, cfg, error),
-        unexpected_count=None if count is None else int(count),
-        unexpected_percent=None if percent is None else float(percent),
-        observed_value=observed,
-        rows=rows,
     )
 
 

@@ -67,6 +67,14 @@ TINY: dict[str, dict[str, Any]] = {
     "scoring": {"batch_size": 4, "max_examples": 16, "max_seq_len": 64},
     "evaluate": {"prompts": 2, "max_new_tokens": 8},
     "register": {"model_name": "retune-test"},
+    "preference_data": {"min_per_label": 2},
+    "preference": {
+        "min_examples": 4,
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "warmup_steps": 0,
+        "logging_steps": 1,
+    },
     # A few steps of a tiny model stay far above the production thresholds.
     "promote": {"max_perplexity": 1000.0, "max_perplexity_vs_baseline": None},
 }
@@ -88,6 +96,8 @@ def tiny_params_for(tmp: Path, **sections: dict) -> Params:
             "artifacts": str(tmp / "mlruns" / "artifacts"),
             "experiment": "retune-test",
         },
+        # Never the project's own store (a relative path would be under the cwd).
+        "feedback": {"store_url": f"sqlite:///{tmp}/data/feedback/feedback.db"},
         **_deep(TINY),
     }
     for name, values in sections.items():

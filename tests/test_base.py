@@ -299,7 +299,7 @@ def test_smollm2_fine_tuned_with_lora_loads_back_through_mlflow(
     """A few LoRA steps of the real base on a few conversations, registered, then loaded by
     `mlflow.pyfunc` in a fresh process, which generates a reply."""
     from retune.release.tracking import resolved_uri
-    from tasks import register
+    from tasks import preference, register
     from tasks import train as train_stage
     from tests.bases import chats, write_split
     from tests.helpers import run_in_fresh_process
@@ -323,6 +323,7 @@ def test_smollm2_fine_tuned_with_lora_loads_back_through_mlflow(
     result = train_stage.run(params)
     assert result.steps == 2 and result.trainable is not None
     assert 0 < result.trainable.share < 0.02  # an adapter, not the whole model
+    preference.run(params)  # preference.method none: the candidate is the sft model
     registered = register.run(params)
     assert "LoRA adapter" in registered.model_card and "smollm2-135m-instruct" in (
         registered.model_card

@@ -14,7 +14,7 @@ import pytest
 
 from retune.config import Params
 from retune.data.records import read_records
-from tasks import cv, split, train
+from tasks import cv, preference, split, train
 
 
 def with_folds(params: Params, k: int) -> Params:
@@ -26,6 +26,7 @@ def trained(prepared: Params) -> Params:
     """The split and the pipeline's train run done, as the flow has them before cv."""
     split.run(prepared)
     train.run(prepared)
+    preference.run(prepared)  # preference.method none: the candidate is the sft model
     return prepared
 
 

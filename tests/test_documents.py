@@ -43,13 +43,23 @@ def test_the_first_model_of_a_documents_only_corpus_is_promoted_by_the_default_g
     from retune.config import PromoteParams
     from retune.release.registry import Registry
     from retune.reports import read_json
-    from tasks import evaluate, hygiene, ingest, promote, register, split, train, validate
+    from tasks import (
+        evaluate,
+        hygiene,
+        ingest,
+        preference,
+        promote,
+        register,
+        split,
+        train,
+        validate,
+    )
 
     params = documents
     # What a user gets by default, but for max_perplexity, which tiny_params_for relaxes for a
     # model trained a few steps.
     assert params.promote.max_unsafe_share == PromoteParams().max_unsafe_share == 0.05
-    for stage in (ingest, hygiene, validate, split, train):
+    for stage in (ingest, hygiene, validate, split, train, preference):
         stage.run(params)
     evaluated = evaluate.run(params)
     assert evaluated.n_reply_examples == 0 and evaluated.n_generated == 0

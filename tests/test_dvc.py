@@ -96,4 +96,11 @@ def test_dvc_repro_has_nothing_to_do_after_a_run_and_a_code_change_reruns_its_st
     chat = project / "retune" / "model" / "chat.py"
     chat.write_text(chat.read_text() + "\n# a change\n")
     status = _run(project, "-m", "dvc", "status", "--json")
-    assert set(json.loads(status.stdout)) == {"train", "cv", "evaluate", "register", "promote"}
+    assert set(json.loads(status.stdout)) == {
+        "train",
+        "preference",
+        "cv",
+        "evaluate",
+        "register",
+        "promote",
+    }

@@ -229,5 +229,5 @@ def test_a_pretrained_base_is_scored_on_the_same_examples(
 
 def test_missing_model_names_the_setting_and_the_fix(prepared: Params) -> None:
     tasks.split.run(prepared)
-    with pytest.raises(RetuneError, match=r"paths\.model.*run the `train` stage"):
+    with pytest.raises(RetuneError, match=r"paths\.model.*run the `preference` stage"):
         run(prepared)

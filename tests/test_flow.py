@@ -93,6 +93,7 @@ def test_flow_quarantines_bad_lines_trains_on_the_rest_and_registers(
         "validate",
         "split",
         "train",
+        "preference",
         "cv",
         "evaluate",
         "register",

@@ -421,3 +421,85 @@ def test_two_models_with_different_vocabularies_are_judged_per_byte(tmp_path: Pa
     per_token = dataclasses.replace(cfg, metric="perplexity")
     by_token = compare(candidate, champion, n_resamples=500, metric="perplexity")
     assert decide(new, production, by_token, per_token).outcome == "reject"
+
+
+def _rated(nll: list[float], labels: list[bool], ids: list[str] | None = None) -> pa.Table:
+    """Per-reply NLLs of held-out rated replies (`retune.model.scoring.RATED_SCHEMA`)."""
+    from retune.model.scoring import RATED_SCHEMA
+
+    ids = ids or [f"r{i}" for i in range(len(nll))]
+    return pa.table(
+        {"id": ids, "label": labels, "nll_sum": nll, "n_tokens": [5] * len(nll)},
+        schema=RATED_SCHEMA,
+    )
+
+
+def test_the_ratings_auc_is_the_share_of_liked_disliked_pairs_that_moved_right() -> None:
+    from retune.release.gate import compare_ratings
+
+    # Gains (production NLL - candidate NLL): liked 2, 0, -1; disliked 1, -3.
+    # Pairs liked > disliked: 2>1, 2>-3, 0>-3, -1>-3: 4 of 6; no ties.
+    champion = _rated([10.0, 10.0, 10.0, 10.0, 10.0], [True, True, True, False, False])
+    candidate = _rated([8.0, 10.0, 11.0, 9.0, 13.0], [True, True, True, False, False])
+
+    r = compare_ratings(candidate, champion, n_resamples=500, seed=1)
+
+    assert r is not None
+    assert (r.n_desirable, r.n_undesirable) == (3, 2)
+    assert r.auc == pytest.approx(4 / 6)
+    assert r.mean_gain_desirable == pytest.approx(1 / 3)
+    assert r.mean_gain_undesirable == pytest.approx(-1.0)
+    assert 0.0 <= r.ci_low <= r.auc <= r.ci_high <= 1.0
+    # Production against itself: every gain 0, every pair a tie, exactly 0.5.
+    same = compare_ratings(champion, champion, n_resamples=200)
+    assert same is not None and same.auc == same.ci_low == same.ci_high == 0.5
+    # No disliked reply in common: nothing to rank.
+    assert compare_ratings(candidate, _rated([1.0], [True], ["r0"])) is None
+
+
+def _ratings(auc: float, low: float, high: float) -> Any:
+    from retune.release.gate import RatingsComparison
+
+    return RatingsComparison(40, 20, auc, low, high, 0.95, 2000, 0.5, -0.5)
+
+
+def test_a_candidate_worse_on_users_ratings_is_rejected_even_when_the_holdout_is_better() -> None:
+    decision = decide(
+        GOOD,
+        {"perplexity": 5.6},
+        _comparison(0.06, 0.03, 0.09),  # better on the holdout beyond the noise
+        CFG,
+        compared_version=3,
+        ratings=_ratings(0.31, 0.22, 0.41),
+    )
+    assert decision.outcome == "reject"
+    assert decision.reason.startswith("worse than production v3 on users' ratings")
+    assert "0.310 of pairs" in decision.reason
+
+
+def test_better_ratings_may_cost_holdout_bits_only_up_to_max_holdout_loss() -> None:
+    cfg = dataclasses.replace(CFG, max_holdout_loss=0.02)
+    ratings = _ratings(0.74, 0.66, 0.81)  # clearly better on users' ratings
+    within = decide(
+        GOOD, {"perplexity": 5.6}, _comparison(-0.005, -0.015, 0.004), cfg, ratings=ratings
+    )
+    assert within.outcome == "promote"
+    assert "better than production on users' ratings beyond the noise" in within.reason
+    assert "promote.max_holdout_loss=0.02" in within.reason
+
+    beyond = decide(
+        GOOD, {"perplexity": 5.6}, _comparison(-0.05, -0.07, -0.03), cfg, ratings=ratings
+    )
+    assert beyond.outcome == "reject"
+    assert "loses more than promote.max_holdout_loss=0.02" in beyond.reason
+
+    # Ratings within the noise give no licence to lose on the holdout.
+    unsure = decide(
+        GOOD,
+        {"perplexity": 5.6},
+        _comparison(-0.005, -0.015, 0.004),
+        cfg,
+        ratings=_ratings(0.55, 0.45, 0.64),
+    )
+    assert unsure.outcome == "reject"
+    assert unsure.reason.startswith("not better than production beyond the noise")

@@ -205,7 +205,7 @@ def test_registered_lora_model_states_what_trained_and_generates_in_a_fresh_proc
     from mlflow import MlflowClient
 
     from retune.release.tracking import resolved_uri
-    from tasks import register
+    from tasks import preference, register
     from tasks import train as train_stage
 
     provenance = {"name": "tiny-chat", "wheel": "tiny-wheel", "version": "0.1.0", "file": "t.gguf"}
@@ -229,6 +229,7 @@ def test_registered_lora_model_states_what_trained_and_generates_in_a_fresh_proc
         a.path for a in client.list_artifacts(report["run_id"], "adapter")
     }
 
+    preference.run(params)  # no ratings: the candidate is the sft model
     registered = register.run(params)
     card = registered.model_card
     for fact in (

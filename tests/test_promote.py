@@ -419,3 +419,66 @@ def test_a_diverged_retrain_is_rejected_with_the_reason_and_the_gate_reruns(
     # A person's promotion scores it afresh, and is refused for the same reason.
     refused = promote_version(params, v2, ACTOR)
     assert (refused.outcome, refused.reason, refused.production) == ("reject", reason, v1)
+
+
+@pytest.mark.slow
+def test_a_candidate_better_on_the_holdout_but_worse_on_held_out_ratings_is_not_promoted(
+    params: Params, candidates: dict[str, Path]
+) -> None:
+    """Users' held-out ratings judge the candidate too: the ratings are made so the better
+    model moved away from what users liked (the liked replies are those it made least likely
+    relative to production), and the gate rejects it though its holdout bits are better."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from retune.data.preference import PreferenceSet
+    from retune.model.modeling import load_pretrained
+    from retune.model.scoring import score_rated
+    from tasks.preference_data import write
+    from tasks.promote import run as promote
+
+    v1 = register_candidate(params, candidates["fair"])
+    assert promote(params).production == v1
+    rows = [
+        {
+            "id": f"r{i}",
+            "interaction_id": f"i{i}",
+            "feedback_id": i,
+            "model_version": str(v1),
+            "prompt": [{"role": "user", "content": conv[0][1]}],
+            "completion": conv[1][1],
+            "label": True,
+            "origin": "served",
+            "split": "holdout",
+        }
+        for i, conv in enumerate(make_conversations(40, seed=11))
+    ]
+
+    def nll(model_dir: Path) -> np.ndarray:
+        model, tokenizer = load_pretrained(model_dir)
+        table = score_rated(model, tokenizer, rows, 8, params.scoring.max_seq_len)
+        return np.asarray(table.column("nll_sum").to_pylist())
+
+    gain = nll(candidates["fair"]) - nll(candidates["good"])
+    liked = gain < np.median(gain)  # users liked what the better model moved away from
+    for row, label in zip(rows, liked, strict=True):
+        row["label"] = bool(label)
+    write(PreferenceSet(kto=rows), params.paths.preference, {"ready": {"kto": True}})
+
+    v2 = register_candidate(params, candidates["good"])
+    model, tokenizer = load_pretrained(params.paths.model)
+    pq.write_table(
+        score_rated(model, tokenizer, rows, 8, params.scoring.max_seq_len),
+        params.paths.reports / "rated_scores.parquet",
+    )
+    result = promote(params)
+
+    assert result.outcome == "reject" and result.production == v1
+    assert result.comparison is not None and result.comparison["ci_low"] > 0  # better holdout
+    assert result.ratings is not None
+    assert (result.ratings["n_desirable"], result.ratings["n_undesirable"]) == (20, 20)
+    assert result.ratings["auc"] == 0.0 and result.ratings["ci_high"] < 0.5
+    assert result.reason.startswith(f"worse than production v{v1} on users' ratings")
+    assert read_json(params.paths.reports / "promote.json")["ratings"]["auc"] == 0.0
+    assert Registry.open(params.tracking, "retune-test").production() == v1
+    assert v2 == v1 + 1

@@ -5,6 +5,7 @@ project folder, and errors read as one line naming the fix."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,7 +227,8 @@ def test_a_run_waits_for_the_holder_when_asked(
     with run_lock(tmp_path, wait=True):
         # Taken once the holder let go (it exits right after).
         assert holder.wait(timeout=30) == 0
-    assert "waiting for `python -c" in capsys.readouterr().out
+    # The holder's command as it was started (`python -c ...`, or `python3.11 -c ...`).
+    assert re.search(r"waiting for `python[\d.]* -c", capsys.readouterr().out)
 
 
 def test_a_run_refuses_while_dvc_holds_the_repository(tmp_path: Path) -> None:

@@ -90,13 +90,15 @@ def code_digest(root: Path = _CODE_ROOT) -> str:
     return outer.hexdigest()
 
 
-def run_fingerprint(params: Params, incoming: str) -> str:
-    """What a retrain's outcome depends on: the incoming data's fingerprint, every setting
-    that shapes the model (not serving, feedback, drift or schedules) and the code."""
+def run_fingerprint(params: Params, incoming: str, preference: str | None = None) -> str:
+    """What a retrain's outcome depends on: the incoming data's fingerprint, the preference
+    set's version (where it is tuned on), every setting that shapes the model (not serving,
+    feedback, drift or schedules) and the code."""
     settings = {k: v for k, v in to_plain(params).items() if k not in _NOT_MODEL_SECTIONS}
-    blob = json.dumps(
-        {"incoming": incoming, "params": settings, "code": code_digest()}, sort_keys=True
-    )
+    facts = {"incoming": incoming, "params": settings, "code": code_digest()}
+    if preference is not None:
+        facts["preference"] = preference
+    blob = json.dumps(facts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

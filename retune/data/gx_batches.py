@@ -280,6 +280,46 @@ def validate_in_batches(
     return store_result(context, suite, results, run_name), rows
 
 
+# (retune's name, offending count, observed value, error or None) -> the problem in plain words.
+Problem = Callable[[str, "int | None", Any, "str | None"], str]
+
+
+def suite_outcomes(
+    expectations: list[Expectation],
+    suite_result: ExpectationSuiteValidationResult,
+    rows: list[tuple[OffendingRow, ...]],
+    problem: Problem,
+) -> tuple[ExpectationOutcome, ...]:
+    """`validate_in_batches`' result as one outcome per expectation, in the suite's order
+    (GX returns its own), each named by its `meta["name"]` and worded by `problem`."""
+    order = [(e.meta or {}).get("name") for e in expectations]
+    found = []
+    for i, result in enumerate(suite_result.results):
+        config = result.expectation_config
+        assert config is not None
+        name = (config.meta or {}).get("name", config.type)
+        info = result.result or {}
+        count = info.get("unexpected_count")
+        percent = info.get("unexpected_percent")
+        observed = info.get("observed_value")
+        found.append(
+            ExpectationOutcome(
+                name=name,
+                type=config.type,
+                column=config.kwargs.get("column"),
+                success=bool(result.success),
+                problem=problem(name, count, observed, exception_message(result.exception_info)),
+                unexpected_count=None if count is None else int(count),
+                unexpected_percent=None if percent is None else float(percent),
+                observed_value=observed,
+                rows=rows[i],
+            )
+        )
+    return tuple(
+        sorted(found, key=lambda o: order.index(o.name) if o.name in order else len(order))
+    )
+
+
 def _merge(parts: list[Any], rows_shown: int) -> Any:
     """One map expectation's results over consecutive batches as one result: counts summed,
     percentages recomputed, the first offending rows kept, `mostly` applied to the whole."""

@@ -12,7 +12,7 @@ import contextlib
 import csv
 import math
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +327,54 @@ def score_sequences(
                 print(f"{log_prefix}: scored {end}/{total} examples", flush=True)
             done = end
     return np.concatenate(nll_parts), np.concatenate(token_parts), np.concatenate(correct_parts)
+
+
+RATED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.bool_()),  # desirable
+        ("nll_sum", pa.float64()),  # summed NLL of the reply's tokens (and its end marker)
+        ("n_tokens", pa.int64()),  # 0: the window cut the reply off, so it says nothing
+    ]
+)
+
+
+def score_rated(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    max_seq_len: int,
+    *,
+    log_prefix: str = "scoring",
+) -> pa.Table:
+    """How likely `model` finds each rated reply after its prompt (`RATED_SCHEMA`, in order):
+    the summed NLL of the reply's tokens and the marker closing its turn, rendered with the
+    model's own template; earlier assistant turns of the prompt are context only. `examples`
+    are the preference set's KTO rows (`prompt`, `completion`, `label`, `id`). Two models'
+    NLLs of one reply are of the same text, so their difference does not depend on either
+    tokenizer."""
+    conversations = [
+        [{**m, "weight": 0} if m["role"] == "assistant" else dict(m) for m in e["prompt"]]
+        + [{"role": "assistant", "content": e["completion"]}]
+        for e in examples
+    ]
+    ids, targets = encode_targets(
+        tokenizer, conversations, max_positions(model, max_seq_len), "replies"
+    )
+    print(f"{log_prefix}: scoring {len(ids)} rated replies", flush=True)
+    nll_sum, n_tokens, _ = score_sequences(
+        model, tokenizer, ids, batch_size, targets=targets, log_prefix=log_prefix
+    )
+    return pa.table(
+        {
+            "id": [str(e["id"]) for e in examples],
+            "label": [bool(e["label"]) for e in examples],
+            "nll_sum": nll_sum,
+            "n_tokens": n_tokens,
+        },
+        schema=RATED_SCHEMA,
+    )
 
 
 def aggregate(scores: pa.Table, cache_dir: Path | None = None) -> dict[str, float | int]:

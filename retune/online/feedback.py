@@ -11,7 +11,7 @@ import json
 import math
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy as sa
 
 from retune.data import pii
+from retune.data.text import normalize_text
 from retune.errors import RetuneError
 
 if TYPE_CHECKING:
@@ -132,6 +133,28 @@ def _check_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
         ):
             raise ValueError(f"messages[{i}] must be {{'role': str, 'content': str}}, got {m!r}")
         out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def deciding_feedback(rows: pd.DataFrame) -> dict[str, Any]:
+    """The feedback that decides an interaction, of its rows in `feedback_frame` (oldest
+    first): its latest correction, else its latest rating (people change their minds; a
+    correction says what the reply should have been)."""
+    corrected = rows[rows["corrected_reply"].notna()]
+    chosen = corrected if len(corrected) else rows
+    row: dict[str, Any] = chosen.iloc[-1].to_dict()
+    return row
+
+
+def clean_messages(
+    messages: Iterable[dict[str, str]], kinds: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """(role, content) as ingest stores them (cleaned, then redacted with `kinds`), so their
+    record id is the one ingest gives them."""
+    out = []
+    for m in messages:
+        text = normalize_text(m["content"])
+        out.append((m["role"].strip().lower(), pii.redact(text, kinds)[0] if kinds else text))
     return out
 
 

@@ -117,6 +117,105 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class RatingsComparison:
+    """How the candidate moved against production on users' held-out ratings.
+
+    Per rated reply, the gain is how much likelier the candidate finds it than production does
+    (production's NLL minus the candidate's, in nats, of the same text: tokenizer-free). `auc`
+    is the share of (liked, disliked) reply pairs whose liked reply gained more (ties count
+    half): 0.5 when the candidate moved no differently on the two, above it when it moved
+    toward what users liked. The CI is a percentile bootstrap, each label resampled apart."""
+
+    n_desirable: int
+    n_undesirable: int
+    auc: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    n_resamples: int
+    mean_gain_desirable: float  # nats per reply
+    mean_gain_undesirable: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _auc(liked: np.ndarray, disliked: np.ndarray) -> np.ndarray:
+    """Share of pairs with the liked value above the disliked (ties half), along the last
+    axis: rows of resamples at once."""
+    from scipy.stats import rankdata
+
+    both = np.concatenate([liked, disliked], axis=-1)
+    ranks = rankdata(both, axis=-1)
+    n_liked, n_disliked = liked.shape[-1], disliked.shape[-1]
+    u = ranks[..., :n_liked].sum(axis=-1) - n_liked * (n_liked + 1) / 2
+    result: np.ndarray = u / (n_liked * n_disliked)
+    return result
+
+
+def compare_ratings(
+    candidate: pa.Table,
+    champion: pa.Table,
+    confidence: float = 0.95,
+    n_resamples: int = 2_000,
+    seed: int = 0,
+) -> RatingsComparison | None:
+    """Candidate vs champion on held-out rated replies (`retune.model.scoring.RATED_SCHEMA`,
+    matched by id; a reply either window cut off is left out). None without a reply of each
+    label in common."""
+    champ = {
+        rid: (nll, n)
+        for rid, nll, n in zip(
+            champion.column("id").to_pylist(),
+            champion.column("nll_sum").to_pylist(),
+            champion.column("n_tokens").to_pylist(),
+            strict=True,
+        )
+    }
+    gains: dict[bool, list[float]] = {True: [], False: []}
+    for rid, label, nll, n in zip(
+        candidate.column("id").to_pylist(),
+        candidate.column("label").to_pylist(),
+        candidate.column("nll_sum").to_pylist(),
+        candidate.column("n_tokens").to_pylist(),
+        strict=True,
+    ):
+        other = champ.get(rid)
+        if other is None or not n or not other[1] or not math.isfinite(nll + other[0]):
+            continue
+        gains[bool(label)].append(other[0] - nll)
+    liked, disliked = np.asarray(gains[True]), np.asarray(gains[False])
+    if not len(liked) or not len(disliked):
+        return None
+    rng = np.random.default_rng(seed)
+    resampled = _auc(
+        liked[rng.integers(0, len(liked), (n_resamples, len(liked)))],
+        disliked[rng.integers(0, len(disliked), (n_resamples, len(disliked)))],
+    )
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    return RatingsComparison(
+        n_desirable=len(liked),
+        n_undesirable=len(disliked),
+        auc=float(_auc(liked, disliked)),
+        ci_low=float(low),
+        ci_high=float(high),
+        confidence=confidence,
+        n_resamples=n_resamples,
+        mean_gain_desirable=float(liked.mean()),
+        mean_gain_undesirable=float(disliked.mean()),
+    )
+
+
+def _ratings_text(r: RatingsComparison, who: str) -> str:
+    return (
+        f"on {r.n_desirable} liked and {r.n_undesirable} disliked held-out replies users rated, "
+        f"{r.auc:.3f} of pairs moved toward the liked one against {who} "
+        f"({r.confidence:.0%} CI {r.ci_low:.3f} to {r.ci_high:.3f}; 0.5 is no change)"
+    )
+
+
+@dataclass(frozen=True)
 class Decision:
     outcome: Outcome
     reason: str  # one or two sentences with the numbers, as shown to users and stored as a tag
@@ -413,6 +512,7 @@ def decide(
     forced: bool = False,
     reason: str | None = None,
     compared_version: int | str | None = None,
+    ratings: RatingsComparison | None = None,
 ) -> Decision:
     """Decide what happens to a candidate.
 
@@ -423,6 +523,10 @@ def decide(
     - Otherwise it must beat production by more than the noise: the lower bound of the
       bootstrap CI of the improvement (in `cfg.metric`'s unit: bits/byte or nats/token) must
       exceed `cfg.margin`.
+    - With users' held-out ratings (`ratings`), it must not be worse there either: a CI of
+      the ratings AUC wholly below 0.5 rejects it. One better there beyond the noise (CI
+      above 0.5) may instead lose up to `cfg.max_holdout_loss` on the holdout (its CI's lower
+      bound above minus that): what preference tuning trades.
     - `cfg.mode` "propose" turns a promotion into a proposal (alias `challenger`).
     - `forced` (a person's override, `reason` required) promotes whatever the gate says.
     """
@@ -450,6 +554,31 @@ def decide(
     elif comparison is None:
         verdict = "reject"
         text = f"not compared with {who} on today's holdout, so not shown to be better"
+    elif ratings is not None and ratings.ci_high < 0.5:
+        verdict = "reject"
+        text = (
+            f"worse than {who} on users' ratings: {_ratings_text(ratings, who)}; holdout: "
+            f"{_versus(comparison, who)}"
+        )
+    elif (
+        ratings is not None
+        and comparison.ci_low <= cfg.margin
+        and ratings.ci_low > 0.5
+        and comparison.ci_low > -cfg.max_holdout_loss
+    ):
+        verdict = "promote"
+        text = (
+            f"better than {who} on users' ratings beyond the noise: "
+            f"{_ratings_text(ratings, who)}; holdout within promote.max_holdout_loss="
+            f"{cfg.max_holdout_loss:g} {unit}: {_versus(comparison, who)}"
+        )
+    elif ratings is not None and ratings.ci_low > 0.5 and comparison.ci_low <= cfg.margin:
+        verdict = "reject"
+        text = (
+            f"better than {who} on users' ratings ({_ratings_text(ratings, who)}) but it "
+            f"loses more than promote.max_holdout_loss={cfg.max_holdout_loss:g} {unit} on "
+            f"the holdout: {_versus(comparison, who)}"
+        )
     elif comparison.ci_low > cfg.margin:
         verdict = "promote"
         text = (

@@ -5,10 +5,10 @@ Stages call `setup_tracking` in `run(params)`; nothing here runs at import time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from retune.config import TrackingParams
 
@@ -72,3 +72,21 @@ def side_experiment(cfg: TrackingParams, suffix: str) -> str:
     artifacts = (Path(cfg.artifacts) / suffix).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     return str(client.create_experiment(name, artifact_location=artifacts.as_uri()))
+
+
+def step_metrics_callback(names: Mapping[str, str]) -> Any:
+    """A Trainer callback that logs each `names` key of the Trainer's logs into the active
+    MLflow run, as its mapped name, by step."""
+    import mlflow
+    from transformers import TrainerCallback
+
+    class MlflowMetrics(TrainerCallback):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+        ) -> None:
+            logs = logs or {}
+            metrics = {name: float(logs[key]) for key, name in names.items() if key in logs}
+            if metrics:
+                mlflow.log_metrics(metrics, step=state.global_step)
+
+    return MlflowMetrics()

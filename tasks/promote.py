@@ -222,7 +222,13 @@ def gate(
         ratings=ratings,
     )
     registry.record_decision(
-        version, decision, candidate_metrics, champion_metrics, production, decided_by
+        version,
+        decision,
+        candidate_metrics,
+        champion_metrics,
+        production,
+        decided_by,
+        ratings=ratings.to_dict() if ratings is not None else None,
     )
     if decision.alias is not None:
         registry.move_alias(
@@ -282,6 +288,10 @@ def _log_to_pipeline_run(params: Params, result: PromoteResult) -> None:
         for k, v in (result.comparison or {}).items()
         if k in logged and v is not None
     }
+    if result.ratings:
+        metrics |= {
+            f"gate.ratings_{k}": float(result.ratings[k]) for k in ("auc", "ci_low", "ci_high")
+        }
     try:
         for key, value in tags.items():
             client.set_tag(run_id, key, value)

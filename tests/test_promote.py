@@ -480,5 +480,11 @@ def test_a_candidate_better_on_the_holdout_but_worse_on_held_out_ratings_is_not_
     assert result.ratings["auc"] == 0.0 and result.ratings["ci_high"] < 0.5
     assert result.reason.startswith(f"worse than production v{v1} on users' ratings")
     assert read_json(params.paths.reports / "promote.json")["ratings"]["auc"] == 0.0
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_model_version("retune-test", str(v2)).tags
+    assert json.loads(tags["gate.ratings"])["n_undesirable"] == 20  # recorded on the version
+    run = MlflowClient().get_run(read_json(params.paths.reports / "train.json")["run_id"])
+    assert run.data.metrics["gate.ratings_auc"] == 0.0
     assert Registry.open(params.tracking, "retune-test").production() == v1
     assert v2 == v1 + 1

@@ -172,8 +172,10 @@ class Registry:
         champion_metrics: Mapping[str, Any] | None,
         compared_version: int | None,
         decided_by: str,
+        ratings: Mapping[str, Any] | None = None,
     ) -> dict[str, str]:
-        """Tag `version` with the gate's decision; returns the tags (the latest decision wins
+        """Tag `version` with the gate's decision (and its check of users' held-out ratings,
+        `RatingsComparison.to_dict`, when it ran); returns the tags (the latest decision wins
         on the version; every alias move is also kept in the promotion history)."""
 
         def number(value: float | None) -> str:
@@ -190,6 +192,7 @@ class Registry:
             "gate.decided_by": decided_by,
             "gate.decided_at": _now().isoformat(),
             "gate.forced": str(decision.forced).lower(),
+            "gate.ratings": _json(ratings) if ratings else "none",
         }
         for key, value in tags.items():
             self.client.set_model_version_tag(self.model_name, str(version), key, value)

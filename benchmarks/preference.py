@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         print("round 0: train and promote v1", flush=True)
         run_stages(before_params, ["sample", "ingest", "hygiene", "validate", "split"])
-        run_stages(before_params, ROUND)
+        first_round = run_stages(before_params, ROUND)
         before_eval = json.loads((before_params.paths.reports / "evaluate.json").read_text())
         paths = before_params.paths
         first = json.loads((paths.reports / "promote.json").read_text())
@@ -299,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"on {ratings.get('n_desirable')} liked / {ratings.get('n_undesirable')} "
                   "disliked") if ratings else "the ratings check did not run"),
         row("preference_stage_s", timings["preference"], "s",
-            note=f"{preference.get('reason')}; train stage in the same round "
-            f"{timings['train']:.1f} s (resumed from its checkpoint: same data and settings)"),
+            note=f"{preference.get('reason')}; the supervised train stage of round 0 took "
+            f"{first_round['train']:.1f} s (round 1's resumed from its checkpoint in "
+            f"{timings['train']:.1f} s: same data and settings)"),
         row("loop_wall_s", total, "s", note="both rounds, serving and measuring included"),
     ]  # fmt: skip
     rows = [{**r, "metric": f"{args.method}_{r['metric']}"} for r in rows]

@@ -282,7 +282,7 @@ class PreferenceParams:
     # rarer label's weight raised so both weigh the same in all).
     desirable_weight: Annotated[float, Field(gt=0.0)] | None = None
     undesirable_weight: Annotated[float, Field(gt=0.0)] | None = None
-    learning_rate: Annotated[float, Field(gt=0.0)] = 5.0e-5
+    learning_rate: Annotated[float, Field(gt=0.0)] = 1.0e-5
     max_steps: Annotated[int, Field(ge=1)] = 100
     # At least 2 for KTO: its KL term pairs each prompt with another example's reply.
     per_device_train_batch_size: Annotated[int, Field(ge=2)] = 8

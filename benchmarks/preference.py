@@ -6,7 +6,7 @@ Run: `python -m benchmarks.preference` (KTO on up/down ratings, the default scra
 ~15 min on 2 CPU cores), `--method dpo` (the user also corrects what it dislikes),
 `--base DIR --lora` (a pretrained base with LoRA), `--smoke` (a tiny corpus and model:
 minutes, no figures worth reading). Writes benchmarks/results/preference.json: the rows of
-`--method`, prefixed with it, beside those an earlier run wrote for the other method.
+this run, prefixed with `--label` (default: the method), beside those of earlier runs.
 
 The simulated user's rule (`dislikes`): it rates a reply down when the reply apologises
 (says "sorry"), up otherwise; its correction (`corrected`) is the reply with the apology
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny corpus and model")
     parser.add_argument("--set", action="append", default=[], help="a params override")
     parser.add_argument("--keep", type=Path, help="keep the work folder here")
+    parser.add_argument("--label", help="the rows' prefix (default: the method)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
 
@@ -304,11 +305,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{timings['train']:.1f} s: same data and settings)"),
         row("loop_wall_s", total, "s", note="both rounds, serving and measuring included"),
     ]  # fmt: skip
-    rows = [{**r, "metric": f"{args.method}_{r['metric']}"} for r in rows]
+    label = args.label or args.method
+    rows = [{**r, "metric": f"{label}_{r['metric']}"} for r in rows]
     earlier = args.out / f"{NAME}.json"
     if earlier.is_file():
         kept = json.loads(earlier.read_text())["rows"]
-        rows = [r for r in kept if not r["metric"].startswith(f"{args.method}_")] + rows
+        rows = [r for r in kept if not r["metric"].startswith(f"{label}_")] + rows
     write_result(NAME, command_line(NAME, argv), rows, args.out)
     return 0
 

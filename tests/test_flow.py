@@ -186,3 +186,41 @@ def test_a_worse_retrain_is_registered_but_production_does_not_move(
     assert again["finished_interrupted"] == "gated v3: reject"
     assert client.get_model_version("retune-test", "3").tags["gate.decision"] == "reject"
     assert str(client.get_model_version_by_alias("retune-test", "production").version) == "1"
+
+
+def test_a_retrain_with_enough_ratings_tunes_on_them_and_says_so(
+    harness: None, tmp_path: Path
+) -> None:
+    """Ratings in the store: the flow's first step makes them the preference set, the
+    preference stage tunes on them (KTO), and a rerun with no new rating is up to date."""
+    from flows.retrain import retrain
+    from retune.online.feedback import FeedbackStore
+
+    params = tiny_params_for(tmp_path)
+    write_incoming(params, [])
+    store = FeedbackStore.open(params.feedback.store_url)
+    try:
+        for i, conv in enumerate(make_conversations(30, seed=3)):
+            rid = store.log_interaction(
+                model_name="retune-test",
+                model_version="1",
+                kind="chat",
+                messages=[{"role": "user", "content": conv[0][1]}],
+                reply=conv[1][1],
+                latency_ms=5.0,
+                prompt_tokens=4,
+                completion_tokens=4,
+            )
+            store.add_feedback(interaction_id=rid, rating="down" if i % 3 == 0 else "up")
+    finally:
+        store.close()
+    file = params_file(params, tmp_path)
+
+    summary = retrain(params_file=file)
+
+    assert "preference" in summary["stages_s"]
+    report = json.loads((params.paths.reports / "preference.json").read_text())
+    assert report["tuned"] is True and report["method"] == "kto" and report["steps"] == 3
+    sets = json.loads((params.paths.reports / "preference_data.json").read_text())
+    assert sets["exchanges"] == 30 and sum(sets["outcomes"].values()) == 30
+    assert retrain(params_file=file)["skipped"] is True  # the same data, no new rating

@@ -290,13 +290,22 @@ def deploy(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> N
 
 
 @app.command()
-def serve(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+def serve(
+    overrides: Overrides = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (serve.host; default 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (serve.port; default 8000).")] = None,
+) -> None:
     """Serve the production model with an OpenAI-compatible API on 127.0.0.1:8000/v1.
 
-    models:/<register.model_name>@<serve.alias> on serve.host:serve.port, logging every
-    completion and feedback to feedback.store_url.
+    models:/<register.model_name>@<serve.alias> on serve.host:serve.port (or --host/--port),
+    logging every completion and feedback to feedback.store_url; GET /metrics for Prometheus.
     """
-    resolved = _guarded(_params, params, overrides)
+    given = [f"serve.host={host}"] if host is not None else []
+    given += [f"serve.port={port}"] if port is not None else []
+    resolved = _guarded(_params, params, [*(overrides or []), *given])
     from retune.online.serving import serve as serve_api
 
     _guarded(serve_api, resolved)

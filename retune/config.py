@@ -385,6 +385,12 @@ class ServeParams:
     # Name of the environment variable holding the bearer token for writes; the token itself
     # never goes into params.yaml, logs or MLflow.
     token_env: str = "RETUNE_SERVE_TOKEN"
+    # Generation runs as batches of up to `max_batch` rows (choices), one decoding step for all
+    # of them at a time; requests arriving meanwhile wait, up to `max_queue` of them, and
+    # more are answered 429 with a Retry-After.
+    max_batch: Annotated[int, Field(ge=1)] = 8
+    max_queue: Annotated[int, Field(ge=0)] = 32
+    max_n: Annotated[int, Field(ge=1)] = 4  # choices per request (`n`)
 
 
 @dataclass(config=_STRICT)

@@ -6,7 +6,9 @@ are built from (`tiny_params_for`, `make_conversations`) are in tests/helpers.py
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,6 +16,9 @@ from retune.config import Params
 from retune.data.records import Record, write_records
 from retune.env import configure_environment
 from tests.helpers import make_conversations, tiny_params_for
+
+if TYPE_CHECKING:
+    from retune.online.feedback import FeedbackStore
 
 configure_environment()
 
@@ -47,6 +52,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     texts = [" ".join(c for _, c in conv) for conv in make_conversations(80)]
     tokenizer = train_tokenizer(texts, vocab_size=400)
+    import torch
+
+    torch.manual_seed(0)  # the same tiny model in every run: what it says is reproducible
     model = scratch_model(
         ScratchModelParams(vocab_size=400, n_layer=2, n_head=2, n_embd=32),
         tokenizer,
@@ -56,3 +64,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Params:
+    """Params of a store holding `retune-test` v1 (production) and v2 (no alias): the served
+    store of a server test module (~15 s to set up, once per module)."""
+    from tests.servers import registered_params
+
+    return registered_params(tmp_path_factory.mktemp("serve"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(registered: Params) -> Iterator[tuple[str, FeedbackStore]]:
+    """`registered` served on loopback: the base URL and the feedback store."""
+    from tests.servers import serving
+
+    with serving(registered) as running:
+        yield running

@@ -4,9 +4,9 @@ writes store nothing, limits answer 4xx naming the setting, and a moved alias is
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,24 +24,12 @@ from retune.online.serving import (
     serve_in_thread,
 )
 from retune.release.registry import Registry
-from tests.servers import TOKEN, auth, register_versions, registered_params, serving
+from tests.servers import TOKEN, auth, register_versions, serving
 
 # Every test here serves models registered in a temporary MLflow store (~15 s to set up).
 pytestmark = pytest.mark.slow
 
 EMAIL = "jane.doe@example.com"
-
-
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Params:
-    """Params of a store holding `retune-test` v1 (production) and v2 (no alias)."""
-    return registered_params(tmp_path_factory.mktemp("serve"), tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def server(registered: Params) -> Iterator[tuple[str, FeedbackStore]]:
-    with serving(registered) as running:
-        yield running
 
 
 def _chat(
@@ -190,8 +178,11 @@ def test_limits_answer_4xx_naming_the_setting(
     room = _chat(url, content="hello", max_tokens=60)
     assert room.status_code == 400 and "lower max_tokens" in room.json()["error"]["message"]
 
-    stream = _chat(url, stream=True)
-    assert stream.status_code == 400 and "stream" in stream.json()["error"]["message"]
+    assert "serve.max_n" in _error(_chat(url, n=registered.serve.max_n + 1), 400, "n")
+    assert _chat(url, n=0).status_code == 400
+    assert "stream=true" in _error(
+        _chat(url, stream_options={"include_usage": True}), 400, "stream_options"
+    )
     assert store.count_interactions() == before
 
     # Without max_tokens the reply is register.max_new_tokens long at most, within the context.
@@ -309,8 +300,8 @@ def test_fields_asking_for_what_the_server_cannot_do_are_a_400_naming_them(
         ("logprobs", True),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("response_format", {"type": "json_object"}),
-        ("presence_penalty", 0.5),
-        ("n", 2),
+        ("logit_bias", {"42": 5}),
+        ("best_of", 2),
     ]:
         _error(_chat(url, max_tokens=2, **{field: value}), 400, field)
     assert _rows(store) == before
@@ -361,12 +352,20 @@ def test_the_access_log_shows_no_query_string_and_no_key(
         assert httpx.get(f"{url}/v1/models/{key}", timeout=30).status_code == 404
         rejected = httpx.post(f"{url}/v1/feedback?api_key={TOKEN}", json={}, timeout=30)
         assert rejected.status_code == 401
+        assert _chat(url, content=f"my key is {key}", max_tokens=2).status_code == 200
     out = capsys.readouterr()
     logged = out.out + out.err
-    assert '"GET /healthz?[REDACTED] HTTP/1.1" 200' in logged
-    assert '"GET /v1/models/[SECRET] HTTP/1.1" 404' in logged
-    assert '"POST /v1/feedback?[REDACTED] HTTP/1.1" 401' in logged
-    assert TOKEN not in logged and key not in logged
+    lines = [json.loads(line) for line in out.out.splitlines() if line.startswith('{"method"')]
+    shown = [(line["method"], line["path"], line["status"]) for line in lines]
+    assert shown == [
+        ("GET", "/healthz?[REDACTED]", 200),
+        ("GET", "/v1/models/[SECRET]", 404),
+        ("POST", "/v1/feedback?[REDACTED]", 401),
+        ("POST", "/v1/chat/completions", 200),
+    ]
+    assert lines[-1]["model_version"] == "1" and lines[-1]["ms"] > 0
+    # Neither the prompt nor the token nor the key is logged.
+    assert TOKEN not in logged and key not in logged and "my key is" not in logged
 
 
 def test_without_a_production_version_the_server_says_what_to_run(

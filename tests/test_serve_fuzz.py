@@ -54,13 +54,14 @@ MUTATIONS: list[tuple[str, Any]] = [
     *[("max_tokens", v) for v in (-1, 0, 10**6, 2**63, 1.5, "eight", [], {"n": 1})],
     *[("temperature", v) for v in (-0.1, 2.01, 1e308, "hot", [], {"t": 1})],
     *[("top_p", v) for v in (0, -1, 1.01, "x", [0.5])],
-    *[("n", v) for v in (0, 2, -1, 10**30, 1.5, [])],
+    *[("n", v) for v in (0, 5, -1, 10**30, 1.5, [])],
     *[("seed", v) for v in (2**64, 2**63, -1, -(2**63) - 1, 1.5, [], 10**30)],
     *[
         ("stop", v)
         for v in ("x" * 300, ["a"] * 5, [""] * 1000, [1], {"a": 1}, 5, ["ok", "y" * 999])
     ],
-    *[("stream", v) for v in (True, "yes", [])],
+    *[("stream", v) for v in ("yes", [], 1)],
+    *[("stream_options", v) for v in ({"include_usage": True}, {"x": 1}, "usage")],
     *[("model", v) for v in (5, None, [], "gpt-4o", "", "x" * 5000)],
     ("logprobs", True),
     ("top_logprobs", 3),
@@ -70,8 +71,8 @@ MUTATIONS: list[tuple[str, Any]] = [
     ("best_of", 3),
     ("echo", True),
     ("logit_bias", {"50256": -100}),
-    ("frequency_penalty", 1.0),
-    ("presence_penalty", -2),
+    *[("frequency_penalty", v) for v in (2.5, -3, "much", [])],
+    *[("presence_penalty", v) for v in (-2.01, 1e308, {})],
     ("suffix", "!"),
 ]
 NOT_FINITE = ["NaN", "Infinity", "-Infinity", "1e999"]

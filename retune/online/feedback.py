@@ -117,6 +117,13 @@ def _redact(text: str) -> str:
     return pii.redact(text, pii.KINDS)[0]
 
 
+def new_interaction_id(kind: str) -> str:
+    """A new response id: `chatcmpl-<hex>` for chat, `cmpl-<hex>` for text."""
+    if kind not in ID_PREFIX:
+        raise ValueError(f"kind must be 'chat' or 'completion', got {kind!r}")
+    return ID_PREFIX[kind] + uuid.uuid4().hex
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -270,6 +277,7 @@ class FeedbackStore:
     def log_interaction(
         self,
         *,
+        interaction_id: str | None = None,
         model_name: str,
         model_version: str,
         kind: Kind,
@@ -280,13 +288,12 @@ class FeedbackStore:
         completion_tokens: int,
     ) -> str:
         """Store one completion (messages and reply redacted); return its id, which is the
-        response id clients see (`chatcmpl-<hex>` for chat, `cmpl-<hex>` for text)."""
-        if kind not in ID_PREFIX:
-            raise ValueError(f"kind must be 'chat' or 'completion', got {kind!r}")
+        response id clients see: `interaction_id` when given (a stream hands it out before the
+        reply is done), else a new one (`new_interaction_id`)."""
         clean = [
             {"role": m["role"], "content": _redact(m["content"])} for m in _check_messages(messages)
         ]
-        interaction_id = ID_PREFIX[kind] + uuid.uuid4().hex
+        interaction_id = interaction_id or new_interaction_id(kind)
         row = {
             "id": interaction_id,
             "created_at": _now(),

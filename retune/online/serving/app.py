@@ -1,11 +1,10 @@
-"""The app and how it runs: `create_app` puts the state, the routes, the error handlers and the
-body limit together; `serve` runs it with uvicorn, `serve_in_thread` in a background thread,
-both with an access log that `RedactAccessLog` keeps secrets out of."""
+"""The app and how it runs: `create_app` puts the state, the routes, the error handlers, the
+body limit and the metrics together; `serve` runs it with uvicorn, `serve_in_thread` in a
+background thread, both with retune's JSON access log (`metrics.Observe`) instead of uvicorn's."""
 
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import threading
 import time
@@ -18,10 +17,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from retune.config import Params
-from retune.data import pii
 from retune.errors import RetuneError
 from retune.online.feedback import FeedbackStore
+from retune.online.serving.batching import Batcher
 from retune.online.serving.errors import add_error_handlers, error_response
+from retune.online.serving.metrics import ACCESS_LOG, Observe
 from retune.online.serving.routes import ServeState, router
 from retune.online.serving.watcher import ModelWatcher, log
 
@@ -89,13 +89,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if watcher.current is None:
         log(watcher.unavailable().message)
     watcher.start()
+    state.metrics.track(lambda: state.batcher.depth, lambda: state.batcher.running_rows)
+    state.batcher.start()
     auth = "bearer token required for writes" if state.token else "no token set: writes open"
     log(f"serving {watcher.uri}; feedback store {state.store.url}; {auth}")
     try:
         yield
     finally:
         watcher.stop()
-        state.generator.shutdown(wait=True, cancel_futures=True)
+        state.batcher.stop()
+        state.background.shutdown(wait=True)
 
 
 def create_app(
@@ -119,6 +122,7 @@ def create_app(
         store=store or FeedbackStore.open(params.feedback.store_url),
         token=token,
         watcher=watcher,
+        batcher=Batcher(cfg.max_batch, cfg.max_queue),
     )
     app = FastAPI(
         title="retune",
@@ -127,23 +131,10 @@ def create_app(
     )
     app.state.retune = state
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(Observe, metrics=state.metrics)  # outermost: sees the 413s too
     add_error_handlers(app)
     app.include_router(router)
     return app
-
-
-class RedactAccessLog(logging.Filter):
-    """Hides what a client may have put a secret in from uvicorn's access log: the query string
-    (`?token=...`) goes, and a key in the path is redacted as retune.data.pii redacts secrets."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # uvicorn logs (client, method, path with query, HTTP version, status).
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
-            path, query, _ = args[2].partition("?")
-            shown = pii.redact(path, ("secret",))[0] + ("?[REDACTED]" if query else "")
-            record.args = (*args[:2], shown, *args[3:])
-        return True
 
 
 def _uvicorn_config(app: Any, host: str, port: int, log_level: str) -> Any:
@@ -151,10 +142,25 @@ def _uvicorn_config(app: Any, host: str, port: int, log_level: str) -> Any:
     from uvicorn.config import LOGGING_CONFIG
 
     log_config = copy.deepcopy(LOGGING_CONFIG)
-    log_config.setdefault("filters", {})["redact"] = {"()": RedactAccessLog}
-    log_config["loggers"]["uvicorn.access"]["filters"] = ["redact"]
+    log_config["formatters"]["line"] = {"format": "%(message)s"}
+    log_config["handlers"]["access_json"] = {
+        "formatter": "line",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+    }
+    log_config["loggers"][ACCESS_LOG.name] = {
+        "handlers": ["access_json"],
+        "level": "DEBUG" if log_level == "trace" else log_level.upper(),
+        "propagate": False,
+    }
     return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, log_config=log_config, lifespan="on"
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=log_config,
+        lifespan="on",
+        access_log=False,
     )
 
 

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from retune.config import Params
-from retune.online.feedback import FeedbackStore, UnknownInteraction
+from retune.config import Params, ServeParams
+from retune.online.feedback import FeedbackStore, UnknownInteraction, new_interaction_id
+from retune.online.serving.batching import Batcher, Event, Job, QueueFull, Sampling
 from retune.online.serving.errors import ApiError
-from retune.online.serving.generation import Completion, ServedModel, generate, render_prompt
+from retune.online.serving.generation import ServedModel, render_prompt
+from retune.online.serving.metrics import Metrics
 from retune.online.serving.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -43,10 +48,13 @@ class ServeState:
     store: FeedbackStore
     token: str | None
     watcher: ModelWatcher | None = None
-    # One generation at a time: on a few CPU cores concurrent generate calls thrash each other.
-    # A dedicated thread, so queued generations never hold the threadpool feedback writes use.
-    generator: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="retune-generate")
+    # Generation runs in batches on the batcher's own thread, so queued generations never
+    # hold the threadpool feedback writes use.
+    batcher: Batcher = field(default_factory=lambda: Batcher(8, 32))
+    metrics: Metrics = field(default_factory=Metrics)
+    # Logs what a disconnected stream generated, without holding up the event loop.
+    background: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="retune-log")
     )
 
     def served(self, requested: str | None = None) -> ServedModel:
@@ -130,16 +138,24 @@ def _max_tokens_for(
     return asked
 
 
-def _check_common(req: GenerationRequest, max_tokens: int) -> None:
-    if req.stream:
+def _check_common(req: GenerationRequest, cfg: ServeParams) -> int:
+    """Refuse what the server cannot do for `req`; the number of choices it asks for."""
+    n = 1 if req.n is None else req.n
+    most = min(cfg.max_n, cfg.max_batch)
+    if not 1 <= n <= most:
         raise ApiError(
             400,
-            "stream=true is not supported by this server; send stream=false",
-            param="stream",
-            code="unsupported",
+            f"n={n} is out of range: this server returns 1 to {most} choices per request "
+            "(serve.max_n, at most serve.max_batch)",
+            param="n",
+            code="n_out_of_range",
         )
-    if req.n not in (None, 1):
-        raise ApiError(400, "n must be 1: one choice per request", param="n")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(
+            400,
+            "stream_options is only allowed with stream=true",
+            param="stream_options",
+        )
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
         raise ApiError(
             400,
@@ -149,100 +165,298 @@ def _check_common(req: GenerationRequest, max_tokens: int) -> None:
         )
     req.refuse_unsupported()
     asked, name = req.asked_tokens()
-    if asked is not None and not 1 <= asked <= max_tokens:
+    if asked is not None and not 1 <= asked <= cfg.max_tokens:
         raise ApiError(
             400,
             f"{name}={asked} is out of range: this server generates 1 to "
-            f"{max_tokens} tokens per request (serve.max_tokens)",
+            f"{cfg.max_tokens} tokens per request (serve.max_tokens)",
             param=name,
             code="max_tokens_out_of_range",
         )
+    return n
 
 
-@dataclass(frozen=True)
-class _Completed:
-    id: str  # the logged interaction's
+@dataclass
+class _Choice:
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+
+
+@dataclass
+class _Generation:
+    """One request's generation under way: its id and model, its choices as they grow, and
+    the events of the batcher's thread on an asyncio queue."""
+
+    id: str  # the interaction's, handed out before generation so a stream carries it
+    kind: Literal["chat", "completion"]
     model: ServedModel
-    result: Completion
-    created: int  # Unix seconds
+    messages: list[dict[str, str]]
+    prompt_tokens: int
+    job: Job
+    events: asyncio.Queue[Event]
+    started: float  # perf_counter at the request's arrival
+    created: int = field(default_factory=lambda: int(time.time()))
+    choices: list[_Choice] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    async def next(self) -> tuple[str, int, str | tuple[str, int, str]]:
+        """The next event; a fault of the model is raised here."""
+        kind, index, value = await self.events.get()
+        if kind == "error":
+            raise value
+        assert index is not None
+        if kind == "delta":
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.choices[index].text += value
+        else:
+            reason, tokens, text = value
+            self.choices[index] = _Choice(text, reason, tokens)
+        return kind, index, value
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(c.tokens for c in self.choices)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def record(self, state: ServeState) -> None:
+        """Log the interaction (the first choice's reply) and count it; from a worker thread."""
+        usage = self.usage()
+        state.metrics.tokens.inc(usage["completion_tokens"])
+        state.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        if self.first_token_at is not None:
+            state.metrics.first_token.observe(self.first_token_at - self.started)
+        state.store.log_interaction(
+            interaction_id=self.id,
+            model_name=self.model.name,
+            model_version=str(self.model.version),
+            kind=self.kind,
+            messages=self.messages,
+            reply=self.choices[0].text,
+            latency_ms=(time.perf_counter() - self.started) * 1000.0,
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+        )
 
 
-async def _complete(
+def _put(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event], event: Event) -> None:
+    """Hand `event` from the batcher's thread to the request's task."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+
+def _start(
     state: ServeState,
     req: GenerationRequest,
     kind: Literal["chat", "completion"],
     messages: list[dict[str, str]],
-) -> _Completed:
-    """Generate the reply to `messages` on the generation thread and log it to the store."""
+) -> _Generation:
+    """Check `req`, queue its generation (429 when the queue is full) and return it."""
     started = time.perf_counter()
-    _check_common(req, state.params.serve.max_tokens)
+    cfg = state.params.serve
+    n = _check_common(req, cfg)
     stops = req.stops()
     model = state.served(req.model)
     text = render_prompt(model, messages, "messages" if kind == "chat" else "prompt")
     prompt_ids = model.encode(text)
     max_tokens = _max_tokens_for(state.params, req, model, len(prompt_ids))
     loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(
-        state.generator,
-        lambda: generate(
-            model, prompt_ids, max_tokens, req.temperature, req.top_p, stops, req.seed
-        ),
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    sampling = Sampling(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
     )
-    latency_ms = (time.perf_counter() - started) * 1000.0
-    interaction_id = await run_in_threadpool(
-        lambda: state.store.log_interaction(
-            model_name=model.name,
-            model_version=str(model.version),
-            kind=kind,
-            messages=messages,
-            reply=result.text,
-            latency_ms=latency_ms,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-        )
+    job = Job(
+        model=model,
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        stops=stops,
+        sampling=sampling,
+        n=n,
+        emit=lambda event: _put(loop, events, event),
     )
-    return _Completed(interaction_id, model, result, int(time.time()))
+    try:
+        state.batcher.submit(job)
+    except QueueFull:
+        state.metrics.rejected.inc()
+        wait = state.batcher.retry_after_s(max_tokens)
+        raise ApiError(
+            429,
+            f"the server is busy: {cfg.max_queue} requests are already waiting "
+            f"(serve.max_queue); retry in {wait} s",
+            code="queue_full",
+            headers={"Retry-After": str(wait)},
+        ) from None
+    return _Generation(
+        id=new_interaction_id(kind),
+        kind=kind,
+        model=model,
+        messages=messages,
+        prompt_tokens=len(prompt_ids),
+        job=job,
+        events=events,
+        started=started,
+        choices=[_Choice() for _ in range(n)],
+    )
 
 
-def _answer(completed: _Completed, kind: str, reply: dict[str, Any]) -> JSONResponse:
-    """The response of object `kind` to a completion, its one choice holding `reply`."""
-    model, result = completed.model, completed.result
+async def _finish(state: ServeState, gen: _Generation) -> None:
+    """Wait for every choice, then log the interaction."""
+    try:
+        while not gen.done:
+            await gen.next()
+    except BaseException:
+        gen.job.cancelled.set()  # the client went away (or the model failed): stop its rows
+        raise
+    await run_in_threadpool(gen.record, state)
+
+
+def _answer(gen: _Generation, kind: str, reply: Callable[[_Choice], dict[str, Any]]) -> Any:
+    """The response of object `kind` to a finished generation, each choice as `reply` has it."""
     body = {
-        "id": completed.id,
+        "id": gen.id,
         "object": kind,
-        "created": completed.created,
-        "model": model.name,
-        "system_fingerprint": f"v{model.version}",
-        "choices": [{"index": 0, **reply, "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
+        "created": gen.created,
+        "model": gen.model.name,
+        "system_fingerprint": f"v{gen.model.version}",
+        "choices": [
+            {"index": i, **reply(c), "finish_reason": c.finish_reason, "logprobs": None}
+            for i, c in enumerate(gen.choices)
+        ],
+        "usage": gen.usage(),
     }
-    return JSONResponse(body, headers={"x-retune-model-version": str(model.version)})
+    return JSONResponse(body, headers=_version_header(gen))
+
+
+def _version_header(gen: _Generation) -> dict[str, str]:
+    return {"x-retune-model-version": str(gen.model.version)}
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _stream(
+    state: ServeState,
+    gen: _Generation,
+    req: GenerationRequest,
+    chunk: Callable[[dict[str, Any]], dict[str, Any]],
+) -> StreamingResponse:
+    """Server-sent events of `gen` in OpenAI's shape: `chunk` wraps each choice's piece (a
+    delta or text and finish_reason) into the route's chunk object; usage last when asked;
+    `data: [DONE]`. The interaction is logged before [DONE]; a client that disconnects stops
+    its rows, and what it was sent is logged."""
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+
+    def envelope(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": gen.id,
+            "created": gen.created,
+            "model": gen.model.name,
+            "system_fingerprint": f"v{gen.model.version}",
+            "choices": choices,
+        }
+
+    async def events() -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            yield _sse(chunk(envelope([{"index": i, "start": True} for i in range(req.n or 1)])))
+            while not gen.done:
+                kind, index, value = await gen.next()
+                piece = value if kind == "delta" else ""
+                reason = None if kind == "delta" else gen.choices[index].finish_reason
+                if piece or reason:
+                    one = {"index": index, "piece": piece, "finish_reason": reason}
+                    yield _sse(chunk(envelope([one])))
+            finished = True
+            await run_in_threadpool(gen.record, state)
+            if include_usage:
+                yield _sse({**chunk(envelope([])), "usage": gen.usage()})
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not finished:
+                gen.job.cancelled.set()
+                # Not awaited: a cancelled task cannot wait; the id was handed out, so what
+                # was generated is logged for a rating to refer to.
+                state.background.submit(gen.record, state)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={**_version_header(gen), "Cache-Control": "no-cache"},
+    )
+
+
+def _chat_chunk(body: dict[str, Any]) -> dict[str, Any]:
+    choices = []
+    for c in body["choices"]:
+        if c.get("start"):
+            delta: dict[str, Any] = {"role": "assistant", "content": ""}
+        else:
+            delta = {"content": c["piece"]} if c["piece"] else {}
+        choices.append(
+            {
+                "index": c["index"],
+                "delta": delta,
+                "finish_reason": c.get("finish_reason"),
+                "logprobs": None,
+            }
+        )
+    return {**body, "object": "chat.completion.chunk", "choices": choices}
+
+
+def _text_chunk(body: dict[str, Any]) -> dict[str, Any]:
+    choices = [
+        {
+            "index": c["index"],
+            "text": c.get("piece", ""),
+            "finish_reason": c.get("finish_reason"),
+            "logprobs": None,
+        }
+        for c in body["choices"]
+        if not c.get("start")
+    ]
+    return {**body, "object": "text_completion", "choices": choices}
 
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_token)])
-async def chat_completions(req: ChatRequest, state: State) -> JSONResponse:
+async def chat_completions(req: ChatRequest, state: State) -> Any:
     messages = [{"role": _ROLES[m.role], "content": m.text()} for m in req.messages]
-    completed = await _complete(state, req, "chat", messages)
-    reply = {"message": {"role": "assistant", "content": completed.result.text}}
-    return _answer(completed, "chat.completion", reply)
+    gen = _start(state, req, "chat", messages)
+    if req.stream:
+        return _stream(state, gen, req, _chat_chunk)
+    await _finish(state, gen)
+    return _answer(
+        gen, "chat.completion", lambda c: {"message": {"role": "assistant", "content": c.text}}
+    )
 
 
 @router.post("/v1/completions", dependencies=[Depends(require_token)])
-async def completions(req: CompletionRequest, state: State) -> JSONResponse:
+async def completions(req: CompletionRequest, state: State) -> Any:
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:
         raise ApiError(400, "prompt must be one string (batches are not supported)", param="prompt")
     # Served like the registered model's pyfunc: the prompt is one user turn.
     messages = [{"role": "user", "content": prompts[0]}]
-    completed = await _complete(state, req, "completion", messages)
-    return _answer(completed, "text_completion", {"text": completed.result.text})
+    gen = _start(state, req, "completion", messages)
+    if req.stream:
+        return _stream(state, gen, req, _text_chunk)
+    await _finish(state, gen)
+    return _answer(gen, "text_completion", lambda c: {"text": c.text})
 
 
 @router.get("/v1/models")
@@ -269,6 +483,7 @@ def post_feedback(req: FeedbackRequest, state: State) -> dict[str, Any]:
         raise ApiError(404, str(exc), param="response_id", code="unknown_response") from None
     except ValueError as exc:
         raise ApiError(422, str(exc), code="invalid_feedback") from None
+    state.metrics.ratings.labels(req.rating or "score").inc()
     return {
         "id": feedback_id,
         "object": "feedback",
@@ -276,6 +491,15 @@ def post_feedback(req: FeedbackRequest, state: State) -> dict[str, Any]:
         "rating": req.rating,
         "score": req.score,
     }
+
+
+@router.get("/metrics")
+def metrics(state: State) -> Response:
+    """Prometheus' text format: requests, latency, tokens, ratings, version, queue depth."""
+    model = state.watcher.current if state.watcher else None
+    gauge = state.metrics.model_version.labels(state.params.register.model_name)
+    gauge.set(model.version if model else 0)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz")

@@ -249,7 +249,7 @@ def _served(model_dir: Path) -> ServedModel:
     return ServedModel("m", 1, model, tokenizer, 64, datetime.now(UTC))
 
 
-def test_batched_rows_decode_as_they_would_alone_and_a_cancelled_row_stops(
+def test_batched_and_joining_rows_decode_as_they_would_alone_and_a_cancelled_row_stops(
     tiny_model_dir: Path,
 ) -> None:
     from retune.model.scoring import generate_tokens
@@ -271,8 +271,10 @@ def test_batched_rows_decode_as_they_would_alone_and_a_cancelled_row_stops(
             return emit
 
         jobs = [Job(served, p, 12, [], Sampling(), 1, collect(i)) for i, p in enumerate(prompts)]
+        # The first starts a batch; the others join it at a later step, or the next batch.
         for job in jobs:
             batcher.submit(job)
+            time.sleep(0.002)
         for _ in jobs:
             assert done.acquire(timeout=120)
         pad = served.tokenizer.eos_token_id

@@ -126,6 +126,7 @@ class Batcher:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.running_rows = 0
+        self._members: list[Job] = []  # the jobs of the batch under way
         # Seconds one decoding step of a full batch takes, as last measured (Retry-After).
         self.step_s = 0.05
 
@@ -165,52 +166,87 @@ class Batcher:
                 self._lock.wait()
             if self._stopped:
                 return None
-            first = self._waiting[0]
-            taken, rows = [], 0
-            for job in list(self._waiting):
-                if job.model is first.model and rows + job.n <= self.max_batch:
-                    taken.append(job)
-                    rows += job.n
-                    self._waiting.remove(job)
-            self.running_rows = rows
-            return taken
+            return self._fitting(self._waiting[0].model, 0)
+
+    def _fitting(self, model: ServedModel, running: int) -> list[Job]:
+        """Take the waiting jobs of `model` that fit beside `running` rows (lock held)."""
+        taken, rows = [], running
+        for job in list(self._waiting):
+            if job.model is model and rows + job.n <= self.max_batch:
+                taken.append(job)
+                rows += job.n
+                self._waiting.remove(job)
+        self.running_rows = rows
+        return taken
+
+    def _joining(self, model: ServedModel, running: int) -> list[Job]:
+        """Jobs that join the batch under way at its next step (none while full)."""
+        if running >= self.max_batch or not self._waiting:
+            return []
+        with self._lock:
+            return [j for j in self._fitting(model, running) if not j.cancelled.is_set()]
 
     def _run(self) -> None:
         while (jobs := self._take()) is not None:
-            live = [job for job in jobs if not job.cancelled.is_set()]
+            self._members = [job for job in jobs if not job.cancelled.is_set()]
             try:
-                if live:
-                    self._generate(live)
+                if self._members:
+                    self._generate(list(self._members))
             except Exception as exc:  # a fault of the model: every job of the batch hears it
-                for job in live:
+                for job in self._members:
                     job.emit(("error", None, exc))
             finally:
                 with self._lock:
                     self.running_rows = 0
 
     def _generate(self, jobs: list[Job]) -> None:
+        """Decode `jobs` (one model's) together; jobs that arrive meanwhile join at a step
+        boundary, prefilled on their own and merged into the batch's cache, while there is room
+        and the model's cache allows it (`_mergeable`)."""
         import torch
 
         model = jobs[0].model
-        rows = [
-            Row(job, i, _generator(job.sampling.seed, i), ReplyText(job.stops))
-            for job in jobs
-            for i in range(job.n)
-        ]
         eos = _stop_ids(model)
         vocab = _vocab_size(model)
+        rows: list[Row] = []
         with torch.inference_mode():
-            cache, logits, positions, mask = _prefill(model, [r.job.prompt_ids for r in rows])
-            counts = torch.zeros((len(rows), vocab), dtype=torch.float32)
-            while rows:
+            cache: Any = None
+            logits: Any = None
+            positions: Any = None
+            mask: Any = None
+            counts: Any = None
+            while True:
+                joining = jobs if cache is None else self._joining(model, len(rows))
+                jobs = []
+                if cache is not None and joining and not _mergeable(cache):
+                    with self._lock:  # back to the queue's head: the next batch takes them
+                        self._waiting.extendleft(reversed(joining))
+                    joining = []
+                if joining:
+                    new = [
+                        Row(j, i, _generator(j.sampling.seed, i), ReplyText(j.stops))
+                        for j in joining
+                        for i in range(j.n)
+                    ]
+                    c, lg, pos, m = _prefill(model, [r.job.prompt_ids for r in new])
+                    if cache is None:
+                        cache, logits, positions, mask = c, lg, pos, m
+                        counts = torch.zeros((len(new), vocab), dtype=torch.float32)
+                    else:
+                        mask = _merge(cache, mask, c, m)
+                        logits = torch.cat([logits, lg])
+                        positions = torch.cat([positions, pos])
+                        counts = torch.cat([counts, torch.zeros((len(new), vocab))])
+                    rows += new
+                    self._members += [j for j in joining if j not in self._members]
                 started = time.perf_counter()
                 picked = _pick(logits, rows, counts)
-                keep: list[int] = []
-                for i, (row, token) in enumerate(zip(rows, picked, strict=True)):
-                    row.tokens.append(token)
-                    counts[i, token] += 1
-                    if self._advance(model, row, token in eos):
-                        keep.append(i)
+                counts[torch.arange(len(rows)), torch.tensor(picked)] += 1
+                keep = [
+                    i
+                    for i, (row, token) in enumerate(zip(rows, picked, strict=True))
+                    if self._advance(model, row, token, eos)
+                ]
                 if len(keep) < len(rows):
                     if not keep:
                         break
@@ -219,6 +255,8 @@ class Batcher:
                     rows = [rows[i] for i in keep]
                     picked = [picked[i] for i in keep]
                     counts, positions, mask = counts[index], positions[index], mask[index]
+                    with self._lock:
+                        self.running_rows = len(rows)
                 positions = positions + 1
                 mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype)], dim=1)
                 out = model.model(
@@ -232,11 +270,13 @@ class Batcher:
                 self.step_s = 0.8 * self.step_s + 0.2 * (time.perf_counter() - started)
 
     @staticmethod
-    def _advance(model: ServedModel, row: Row, ended: bool) -> bool:
-        """Hand out what `row`'s new token adds; True while the row goes on."""
+    def _advance(model: ServedModel, row: Row, token: int, eos: set[int]) -> bool:
+        """Add `token` to `row` and hand out what it adds; True while the row goes on."""
         job = row.job
         if job.cancelled.is_set():
             return False
+        row.tokens.append(token)
+        ended = token in eos
         length = len(row.tokens) >= job.max_tokens
         text = model.decode(row.tokens)
         piece = row.text.update(text, final=ended or length)
@@ -273,6 +313,36 @@ def _vocab_size(served: ServedModel) -> int:
     return int(served.model.get_output_embeddings().weight.shape[0])
 
 
+def _mergeable(cache: Any) -> bool:
+    """Whether rows can join `cache`: plain growing layers only (not sliding windows)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _merge(cache: Any, mask: Any, joining: Any, joining_mask: Any) -> Any:
+    """Append `joining`'s rows to `cache` (in place), both left padded to the longer of the two;
+    return the merged attention mask."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(mask.shape[1], joining_mask.shape[1])
+
+    def left(t: Any) -> Any:
+        short = width - t.shape[-2]
+        return t if short == 0 else F.pad(t, (0, 0, short, 0))
+
+    for layer, new in zip(cache.layers, joining.layers, strict=True):
+        layer.keys = torch.cat([left(layer.keys), left(new.keys)])
+        layer.values = torch.cat([left(layer.values), left(new.values)])
+    return torch.cat(
+        [
+            F.pad(mask, (width - mask.shape[1], 0)),
+            F.pad(joining_mask, (width - joining_mask.shape[1], 0)),
+        ]
+    )
+
+
 def _prefill(served: ServedModel, prompts: list[list[int]]) -> tuple[Any, Any, Any, Any]:
     """Run the (left padded) prompts: the cache, last logits, last positions and mask."""
     import torch
@@ -302,9 +372,11 @@ def _pick(logits: Any, rows: list[Row], counts: Any) -> list[int]:
     """Each row's next token from its logits (one row per `rows` entry)."""
     import torch
 
-    presence = torch.tensor([r.job.sampling.presence_penalty for r in rows]).unsqueeze(1)
-    frequency = torch.tensor([r.job.sampling.frequency_penalty for r in rows]).unsqueeze(1)
-    if presence.any() or frequency.any():
+    if any(r.job.sampling.presence_penalty or r.job.sampling.frequency_penalty for r in rows):
+        # OpenAI's: each token's logit less frequency x its count so far, less presence once
+        # it has appeared at all.
+        presence = torch.tensor([r.job.sampling.presence_penalty for r in rows]).unsqueeze(1)
+        frequency = torch.tensor([r.job.sampling.frequency_penalty for r in rows]).unsqueeze(1)
         logits = logits - frequency * counts - presence * (counts > 0).float()
     greedy = logits.argmax(dim=-1).tolist()
     picked = []

@@ -337,6 +337,20 @@ def drift(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> No
     )
 
 
+@app.command()
+def monitor(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Write the monitoring page of production, reports/monitor.html, to open in a browser.
+
+    Per model version, requests and latency over the last monitor.days; the rating mix over
+    time; the newest drift checks with their statistics; where production moved. Every drift
+    check logs the same page to its MLflow run.
+    """
+    resolved = _guarded(_params, params, overrides)
+    from tasks.monitor import run as monitor_run
+
+    _guarded(monitor_run, resolved)
+
+
 @app.command("export-feedback")
 def export_feedback(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Export corrected and well-rated exchanges as new training data.

@@ -171,6 +171,7 @@ PROMOTE_REPORT = Artifact("reports", "promote.json", "promote", headline=("versi
 FLOW_REPORT = Artifact("reports", "flow.json", "run")
 DRIFT_REPORT = Artifact("reports", "drift.json", "drift")
 DRIFT_CHART = Artifact("reports", "drift.png", "drift")
+MONITOR_PAGE = Artifact("reports", "monitor.html", "monitor")
 EXPORT_FEEDBACK_REPORT = Artifact("reports", "export_feedback.json", "export-feedback")
 
 

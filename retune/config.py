@@ -419,6 +419,15 @@ class DriftParams:
 
 
 @dataclass(config=_STRICT)
+class MonitorParams:
+    """`retune monitor` and the page each drift check logs: how production is doing."""
+
+    days: Annotated[float, Field(gt=0.0)] = 14.0  # traffic and ratings of the last `days`
+    drift_checks: Annotated[int, Field(ge=1)] = 20  # the newest drift checks listed
+    points: Annotated[int, Field(ge=4)] = 48  # most time buckets a plot draws
+
+
+@dataclass(config=_STRICT)
 class ScheduleParams:
     """Cron schedules of the Prefect deployments (`retune deploy`); null turns one off (its
     deployment still runs on demand, and retrain on its drift trigger)."""
@@ -453,6 +462,7 @@ class Params:
     serve: ServeParams = field(default_factory=ServeParams)
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
     drift: DriftParams = field(default_factory=DriftParams)
+    monitor: MonitorParams = field(default_factory=MonitorParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
 
 

@@ -2,10 +2,10 @@
 
 Runs as `python -m tasks.drift`, as `drift_task` in the `drift_check` flow (flows/drift.py, which
 also emits the event that starts retraining) and via `retune drift`. Reads the feedback store
-and the holdout, loads production from the registry; writes reports/drift.json and
-reports/drift.png and logs both to the MLflow experiment `<tracking.experiment>-drift`, whose
-runs also record which drift was acted on (`record_action`), so the same evidence is not acted
-on twice.
+and the holdout, loads production from the registry; writes reports/drift.json, reports/drift.png
+and the monitoring page reports/monitor.html and logs them to the MLflow experiment
+`<tracking.experiment>-drift`, whose runs also record which drift was acted on
+(`record_action`), so the same evidence is not acted on twice.
 """
 
 from __future__ import annotations
@@ -20,12 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retune.artifacts import DRIFT_CHART, DRIFT_REPORT, HOLDOUT_SPLIT
+from retune.artifacts import DRIFT_CHART, DRIFT_REPORT, HOLDOUT_SPLIT, MONITOR_PAGE
 from retune.config import DriftParams, Params, TrackingParams
 from retune.entry import stage_main, stage_task
 from retune.online.drift import (
+    ACTED_AT_TAG,
+    ACTED_TAG,
+    CHECKS,
     DRIFT,
+    EVENT_TAG,
+    EVIDENCE_TAG,
+    EXPERIMENT_SUFFIX,
     NOT_ENOUGH_DATA,
+    STATUS_TAG,
     Action,
     Check,
     Evidence,
@@ -42,15 +49,7 @@ from retune.online.drift import (
 if TYPE_CHECKING:
     import pandas as pd
 
-CHECKS = ("quality", "perplexity", "prompt_length")
 _KS_TEST = "two-sample Kolmogorov-Smirnov test"
-
-# Tags on the drift experiment's runs: what each check saw, and on the run whose drift was
-# acted on (the event emitted), when and with which event. The store outlives deployment runs.
-EVIDENCE_TAG = "drift.evidence"
-ACTED_TAG = "drift.acted_on"
-ACTED_AT_TAG = "drift.acted_at"
-EVENT_TAG = "drift.event_id"
 
 
 @dataclass(frozen=True)
@@ -369,10 +368,11 @@ def _metrics(result: DriftResult) -> dict[str, float]:
 def run(params: Params) -> DriftResult:
     """Edge: read the newest ratings and prompts of `register.model_name` from the feedback
     store, load production from the registry (only when there are prompts to score), run the
-    checks; write reports/drift.json and reports/drift.png and log them, with the figures as
-    metrics, to a run of the MLflow experiment `<tracking.experiment>-drift`."""
+    checks; write reports/drift.json, reports/drift.png and reports/monitor.html and log them,
+    with the figures as metrics, to a run of the MLflow experiment `<tracking.experiment>-drift`."""
     import mlflow
 
+    from retune.online import monitor
     from retune.online.feedback import FeedbackStore
     from retune.release.registry import Registry, load_version
     from retune.release.tracking import side_experiment
@@ -421,7 +421,7 @@ def run(params: Params) -> DriftResult:
     checks = dict(zip(CHECKS, (quality, *inputs), strict=True))
     status = overall(checks.values())
     evidence = evidence_of(version, feedback, interactions)
-    experiment = side_experiment(params.tracking, "drift")
+    experiment = side_experiment(params.tracking, EXPERIMENT_SUFFIX)
     acted = last_action(experiment, name) if status == DRIFT else None
     drifted = [n for n, c in checks.items() if c.drift]
     if acted is not None and new_evidence(evidence, acted.evidence, drifted):
@@ -458,7 +458,7 @@ def run(params: Params) -> DriftResult:
         mlflow.log_metrics(_metrics(result))
         mlflow.set_tags(
             {
-                "drift.status": result.status,
+                STATUS_TAG: result.status,
                 **{f"drift.{k}": c.status for k, c in checks.items()},
                 EVIDENCE_TAG: json.dumps(evidence.to_dict(), sort_keys=True),
                 **({"drift.already_acted_on_run": acted.run_id} if acted is not None else {}),
@@ -466,6 +466,10 @@ def run(params: Params) -> DriftResult:
         )
         mlflow.log_artifact(str(result.report_file))
         mlflow.log_artifact(str(result.plot_file))
+        # The monitoring page as of this check (which it lists): traffic, ratings, drift, moves.
+        mlflow.log_artifact(
+            str(monitor.write(params, MONITOR_PAGE.path(params), registry=registry))
+        )
     for check in checks.values():
         print(f"drift: {check.name}: {check.status}: {check.reason}", flush=True)
     if result.note is not None:

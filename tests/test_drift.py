@@ -324,7 +324,11 @@ def test_drift_check_flow_finds_drift_in_production_and_emits_the_event(
     assert run.data.tags["drift.status"] == DRIFT and run.data.metrics["quality.drift"] == 1.0
     assert run.data.params["production_version"] == str(version)
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
-    assert artifacts == {"drift.json", "drift.png"}
+    assert artifacts == {"drift.json", "drift.png", "monitor.html"}
+    # The monitoring page logged with each check lists that check, newest first.
+    page = Path(MlflowClient().download_artifacts(run.info.run_id, "monitor.html", str(tmp_path)))
+    rows = page.read_text().split('<table id="drift-checks">')[1].split("</table>")[0]
+    assert rows.count("<tr>") == 1 + 1 and summary["mlflow_run_id"] in rows
     assert not any("Order" in value or "quark" in value for value in run.data.params.values())
 
 

@@ -20,6 +20,18 @@ DRIFT: Status = "drift"
 NO_DRIFT: Status = "no drift"
 NOT_ENOUGH_DATA: Status = "not enough data"
 
+# The checks of a drift run, in order: production's ratings, then its users' prompts.
+CHECKS = ("quality", "perplexity", "prompt_length")
+# Drift checks are runs of the MLflow experiment `<tracking.experiment>-<this>`. Their tags say
+# what each check saw, and on the run whose drift was acted on (the event emitted), when and
+# with which event: the store outlives deployment runs.
+EXPERIMENT_SUFFIX = "drift"
+STATUS_TAG = "drift.status"
+EVIDENCE_TAG = "drift.evidence"
+ACTED_TAG = "drift.acted_on"
+ACTED_AT_TAG = "drift.acted_at"
+EVENT_TAG = "drift.event_id"
+
 
 @dataclass(frozen=True)
 class Check:

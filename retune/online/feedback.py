@@ -48,6 +48,9 @@ INTERACTION_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
 )
+# Without text: what the monitoring view plots.
+TRAFFIC_COLUMNS = ("created_at", "model_version", "latency_ms", "completion_tokens")
+RATING_COLUMNS = ("created_at", "model_version", "rating", "score", "negative")
 FEEDBACK_COLUMNS = (
     "feedback_id",
     "interaction_id",
@@ -409,12 +412,42 @@ class FeedbackStore:
         if model_name is not None:
             query = query.where(i.c.model_name == model_name)
         rows = self._newest(query, f.c.id, limit)
-        for row in rows:
-            score = row["score"]
-            row["negative"] = row["rating"] == "down" or (
-                score is not None and score < NEGATIVE_SCORE
-            )
-        return _frame(rows, FEEDBACK_COLUMNS)
+        return _frame(_with_negative(rows), FEEDBACK_COLUMNS)
+
+    def traffic_frame(self, *, model_name: str, since: datetime) -> pd.DataFrame:
+        """Interactions of `model_name` from `since` on, oldest first, without their text:
+        `TRAFFIC_COLUMNS`."""
+        i = interactions
+        query = (
+            sa.select(*(i.c[c] for c in TRAFFIC_COLUMNS))
+            .where(i.c.model_name == model_name, i.c.created_at >= since)
+            .order_by(i.c.seq)
+        )
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        return _frame(rows, TRAFFIC_COLUMNS)
+
+    def ratings_frame(self, *, model_name: str, since: datetime) -> pd.DataFrame:
+        """Feedback on `model_name`'s replies given from `since` on, oldest first, without
+        text: `RATING_COLUMNS`, `negative` as in `feedback_frame`."""
+        i, f = interactions, feedback
+        query = (
+            sa.select(f.c.created_at, i.c.model_version, f.c.rating, f.c.score)
+            .join_from(f, i, f.c.interaction_id == i.c.id)
+            .where(i.c.model_name == model_name, f.c.created_at >= since)
+            .order_by(f.c.id)
+        )
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        return _frame(_with_negative(rows), RATING_COLUMNS)
+
+
+def _with_negative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` with `negative`: a "down" rating or a score below `NEGATIVE_SCORE`."""
+    for row in rows:
+        score = row["score"]
+        row["negative"] = row["rating"] == "down" or (score is not None and score < NEGATIVE_SCORE)
+    return rows
 
 
 def _frame(rows: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:

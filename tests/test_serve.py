@@ -302,10 +302,20 @@ def test_fields_asking_for_what_the_server_cannot_do_are_a_400_naming_them(
         ("response_format", {"type": "json_object"}),
         ("logit_bias", {"42": 5}),
         ("best_of", 2),
+        ("max_token", 2),  # a misspelt key is refused, not answered as if it were not there
+        ("audio", {"voice": "alloy", "format": "wav"}),
     ]:
         _error(_chat(url, max_tokens=2, **{field: value}), 400, field)
+    assert "max_tokens" in _chat(url, max_token=2).json()["error"]["message"]  # the fix
     assert _rows(store) == before
-    neutral = {"logprobs": False, "tools": [], "response_format": {"type": "text"}, "user": "u1"}
+    neutral = {
+        "logprobs": False,
+        "tools": [],
+        "response_format": {"type": "text"},
+        "user": "u1",
+        "metadata": {"ticket": "42"},
+        "store": False,
+    }
     assert _chat(url, max_tokens=2, **neutral).status_code == 200
 
 

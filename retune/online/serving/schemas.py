@@ -96,6 +96,20 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+# OpenAI fields that change nothing about a reply: accepted, not used. Any other field not in
+# the request's schema or `_NEUTRAL` is refused, so a misspelt key is not quietly dropped.
+IGNORED = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+
 # OpenAI's range for presence_penalty and frequency_penalty.
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 
@@ -153,6 +167,17 @@ class GenerationRequest(_Lenient, _Body):
                     param=name,
                     code="unsupported",
                 )
+        unknown = sorted(set(extra) - set(_NEUTRAL) - IGNORED)
+        if unknown:
+            known = sorted({*type(self).model_fields, *_NEUTRAL, *IGNORED})
+            raise ApiError(
+                400,
+                f"unknown field {unknown[0]!r}: this server does not know what it asks for, so "
+                f"it does not answer as if it were not there; the fields it takes: "
+                f"{', '.join(known)}",
+                param=unknown[0],
+                code="unknown_field",
+            )
 
 
 class ChatRequest(GenerationRequest):

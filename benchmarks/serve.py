@@ -46,6 +46,8 @@ PROMPTS = (
 
 
 def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return float(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))])
 
@@ -64,12 +66,22 @@ def _model_dir(kind: str, tmp: Path, params: Params, base: Path) -> Path:
         if kind == "tiny"
         else params.train.scratch
     )
-    context = 64 if kind == "tiny" else params.train.max_seq_len
-    tokenizer = train_tokenizer(list(PROMPTS) * 20, vocab_size=scratch.vocab_size)
+    import torch
+
+    context = 128 if kind == "tiny" else params.train.max_seq_len
+    # Enough varied text (retune's own source) to fill the configured vocabulary: every token
+    # the untrained model picks decodes to text, so a stream has text to send.
+    text = [
+        line
+        for path in sorted((ROOT / "retune").rglob("*.py"))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
+    tokenizer = train_tokenizer(text, vocab_size=scratch.vocab_size)
+    torch.manual_seed(0)
     model = scratch_model(scratch, tokenizer, context)
-    # A tokenizer trained on these few prompts has fewer entries than the configured vocabulary:
-    # the output layer gets the configured size, as the trained default model has.
-    model.resize_token_embeddings(scratch.vocab_size)
+    if len(tokenizer) < scratch.vocab_size:  # the output layer as the trained model has it
+        model.resize_token_embeddings(scratch.vocab_size)
     out = tmp / "model"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -239,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--feedback-clients", type=int, default=50)
     parser.add_argument("--feedback-s", type=float, help="seconds of ratings (default 20)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     requests = args.requests or (8 if args.smoke else 48)
     feedback_s = args.feedback_s or (2.0 if args.smoke else 20.0)
@@ -331,33 +343,80 @@ def main(argv: list[str] | None = None) -> int:
     target_p50 = "<= 100" if kind == "default" else None
     c = args.clients
     rows = [
-        row("latency_p50", _percentile(ms(seq), 50), "ms", target_p50,
-            f"{what}, {max_tokens}-token completions, one client; {quiet}"),
+        row(
+            "latency_p50",
+            _percentile(ms(seq), 50),
+            "ms",
+            target_p50,
+            f"{what}, {max_tokens}-token completions, one client; {quiet}",
+        ),
         row("latency_p95", _percentile(ms(seq), 95), "ms", None, f"{len(ms(seq))} requests"),
-        row("ttft_p50", _percentile(ms(streamed, "ttft_ms"), 50), "ms", None,
-            "time to the first streamed text, one client"),
+        row(
+            "ttft_p50",
+            _percentile(ms(streamed, "ttft_ms"), 50),
+            "ms",
+            None,
+            "time to the first streamed text, one client",
+        ),
         row("ttft_p95", _percentile(ms(streamed, "ttft_ms"), 95), "ms"),
-        row("streamed_latency_p50", _percentile(ms(streamed), 50), "ms", None,
-            "to the stream's end ([DONE])"),
-        row(f"concurrent{c}_latency_p50", _percentile(ms(conc), 50), "ms", None,
-            f"{c} clients at once, each sending its next request when answered"),
+        row(
+            "streams_without_text",
+            len(streamed["requests"]) - len(ms(streamed, "ttft_ms")),
+            "requests",
+            "== 0",
+        ),
+        row(
+            "streamed_latency_p50",
+            _percentile(ms(streamed), 50),
+            "ms",
+            None,
+            "to the stream's end ([DONE])",
+        ),
+        row(
+            f"concurrent{c}_latency_p50",
+            _percentile(ms(conc), 50),
+            "ms",
+            None,
+            f"{c} clients at once, each sending its next request when answered",
+        ),
         row(f"concurrent{c}_latency_p95", _percentile(ms(conc), 95), "ms"),
         row("tokens_per_s_sequential", tokens_per_s(seq), "tokens/s"),
-        row(f"tokens_per_s_concurrent{c}", tokens_per_s(conc), "tokens/s", None,
-            f"serve.max_batch={max(c, 8)}: one decoding step for every waiting request"),
+        row(
+            f"tokens_per_s_concurrent{c}",
+            tokens_per_s(conc),
+            "tokens/s",
+            None,
+            f"serve.max_batch={max(c, 8)}: one decoding step for every waiting request",
+        ),
         row(f"concurrent{c}_throughput_x", speedup, "x sequential", ">= 3"),
-        row("completion_tokens_mean", statistics.fmean(tokens), "tokens", None,
-            f"end-of-turn off: every reply {max_tokens} tokens"),
-        row("completion_errors", failures, "requests", "== 0"),
-        row("feedback_writes_per_s", ok / fb["wall_s"], "writes/s", None,
+        row(
+            "completion_tokens_mean",
+            statistics.fmean(tokens),
+            "tokens",
+            None,
+            f"end-of-turn off: every reply {max_tokens} tokens",
+        ),
+        row(
+            "completion_errors",
+            failures,
+            "requests",
+            "== 0",
+            next((run["failures"][0] for run in runs.values() if run["failures"]), None),
+        ),
+        row(
+            "feedback_writes_per_s",
+            ok / fb["wall_s"],
+            "writes/s",
+            None,
             f"{args.feedback_clients} concurrent clients for {feedback_s:g} s, SQLite store, "
-            "while nothing generates"),
+            "while nothing generates",
+        ),
         row("feedback_sent", sent, "rows"),
         row("feedback_errors", sent - ok, "rows", "== 0"),
         row("feedback_lost", sent - stored, "rows", "== 0", f"{stored} stored of {sent} sent"),
-    ]  # fmt: skip
+    ]
     rows = [{**r, "metric": f"{label}_{r['metric']}"} for r in rows]
-    earlier = args.out_dir / f"{NAME}.json"
+    earlier = args.out / f"{NAME}.json"
     if earlier.is_file() and not args.smoke:
         kept = [
             r
@@ -367,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             and r["metric"].split("_")[0] in ("default", "smollm2", "prod")
         ]
         rows = kept + rows
-    write_result(NAME, command_line(NAME, argv), rows, args.out_dir)
+    write_result(NAME, command_line(NAME, argv), rows, args.out)
     return 0 if failures == 0 and sent == ok == stored else 1
 
 

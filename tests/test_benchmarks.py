@@ -11,7 +11,16 @@ from typing import Any
 
 import pytest
 
-from benchmarks import busy_start, data_prep, interrupt, malformed, overhead, reruns, run_all
+from benchmarks import (
+    busy_start,
+    data_prep,
+    interrupt,
+    malformed,
+    overhead,
+    reruns,
+    run_all,
+    serve,
+)
 from benchmarks.report import meets, write_report
 
 
@@ -99,6 +108,18 @@ def test_malformed_runs_retune_ingest_on_every_kind_without_a_traceback(tmp_path
     assert rows["mismatches"]["value"] == rows["leaks"]["value"] == 0
     assert rows["rows_in"]["value"] == rows["accepted"]["value"] + rows["quarantined"]["value"]
     assert rows["deep_5000: deep_5000.jsonl"]["note"] == "accepted 2, quarantined 1 (too_deep)"
+
+
+@pytest.mark.slow
+def test_serve_smoke_streams_batches_and_stores_every_rating(tmp_path: Path) -> None:
+    assert serve.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = rows_of(tmp_path, "serve")
+    assert rows["smoke_completion_errors"]["value"] == 0
+    assert rows["smoke_streams_without_text"]["value"] == 0
+    assert rows["smoke_completion_tokens_mean"]["value"] == 24  # end-of-turn off: full length
+    assert 0 < rows["smoke_ttft_p50"]["value"] <= rows["smoke_streamed_latency_p50"]["value"]
+    assert rows["smoke_feedback_sent"]["value"] > 0
+    assert rows["smoke_feedback_lost"]["value"] == rows["smoke_feedback_errors"]["value"] == 0
 
 
 @pytest.mark.slow

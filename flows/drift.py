@@ -18,7 +18,7 @@ from prefect import flow
 from retune.config import DEFAULT_PARAMS, Params, load_params
 from retune.env import configure_environment
 from retune.online.events import DRIFT_EVENT, model_resource_id
-from tasks.drift import DriftResult, drift_task, record_action
+from tasks.drift import DriftResult, drift_task, log_monitor_page, record_action
 
 
 def respond(params: Params, result: DriftResult, emit: Callable[..., Any]) -> dict[str, Any]:
@@ -46,6 +46,8 @@ def respond(params: Params, result: DriftResult, emit: Callable[..., Any]) -> di
             print(f"drift found, but Prefect events are off here: {DRIFT_EVENT} not sent")
         else:
             record_action(params.tracking, result, str(event.id))
+            if result.run_id is not None:  # the page the check logged, now saying "acted on"
+                log_monitor_page(params, result.run_id)
             print(f"drift in {', '.join(result.drifted)}: emitted {DRIFT_EVENT} ({event.id})")
     summary["event_emitted"] = event is not None
     summary["event_id"] = str(event.id) if event is not None else None

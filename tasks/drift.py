@@ -49,6 +49,8 @@ from retune.online.drift import (
 if TYPE_CHECKING:
     import pandas as pd
 
+    from retune.release.registry import Registry
+
 _KS_TEST = "two-sample Kolmogorov-Smirnov test"
 
 
@@ -202,6 +204,24 @@ def record_action(cfg: TrackingParams, result: DriftResult, event_id: str | None
     for key, value in ((ACTED_TAG, "true"), (ACTED_AT_TAG, action.at), (EVENT_TAG, event_id)):
         client.set_tag(result.run_id, key, value or "none")
     return action
+
+
+def log_monitor_page(params: Params, run_id: str, registry: Registry | None = None) -> Path | None:
+    """Write the monitoring page (reports/monitor.html) as of now and log it to the drift
+    check's run `run_id`, replacing an earlier copy. A page that cannot be drawn is a warning:
+    the check's verdict, and the retraining it may start, do not hang on it."""
+    from mlflow import MlflowClient
+
+    from retune.online import monitor
+    from retune.release.tracking import resolved_uri
+
+    try:
+        path = monitor.write(params, MONITOR_PAGE.path(params), registry=registry)
+        MlflowClient(tracking_uri=resolved_uri(params.tracking.uri)).log_artifact(run_id, str(path))
+    except Exception as exc:  # reported; the check goes on
+        print(f"drift: warning: the monitoring page was not written: {exc!r}", flush=True)
+        return None
+    return path
 
 
 def holdout_user_turns(holdout_file: Path, n: int) -> list[str]:
@@ -372,7 +392,6 @@ def run(params: Params) -> DriftResult:
     with the figures as metrics, to a run of the MLflow experiment `<tracking.experiment>-drift`."""
     import mlflow
 
-    from retune.online import monitor
     from retune.online.feedback import FeedbackStore
     from retune.release.registry import Registry, load_version
     from retune.release.tracking import side_experiment
@@ -466,10 +485,7 @@ def run(params: Params) -> DriftResult:
         )
         mlflow.log_artifact(str(result.report_file))
         mlflow.log_artifact(str(result.plot_file))
-        # The monitoring page as of this check (which it lists): traffic, ratings, drift, moves.
-        mlflow.log_artifact(
-            str(monitor.write(params, MONITOR_PAGE.path(params), registry=registry))
-        )
+        log_monitor_page(params, active.info.run_id, registry)
     for check in checks.values():
         print(f"drift: {check.name}: {check.status}: {check.reason}", flush=True)
     if result.note is not None:

@@ -329,6 +329,7 @@ def test_drift_check_flow_finds_drift_in_production_and_emits_the_event(
     page = Path(MlflowClient().download_artifacts(run.info.run_id, "monitor.html", str(tmp_path)))
     rows = page.read_text().split('<table id="drift-checks">')[1].split("</table>")[0]
     assert rows.count("<tr>") == 1 + 1 and summary["mlflow_run_id"] in rows
+    assert "<td>yes</td>" in rows  # logged again once the event went out: acted on
     assert not any("Order" in value or "quark" in value for value in run.data.params.values())
 
 

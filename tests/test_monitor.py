@@ -79,6 +79,15 @@ def _near(colours: set[tuple[int, int, int]], target: tuple[int, int, int]) -> b
     return any(sum(abs(a - b) for a, b in zip(c, target, strict=True)) <= 12 for c in colours)
 
 
+def _lines(page: Any, plot: str, colour: str, width: float = 1.4) -> int:
+    """Data lines (and their legend samples) of `colour` drawn in `plot`'s SVG."""
+    return int(
+        page.locator(
+            f'#plot-{plot} svg path[style*="stroke: {colour}; stroke-width: {width:g}"]'
+        ).count()
+    )
+
+
 def _rows(page: Any, table: str) -> list[list[str]]:
     return [row.locator("td").all_inner_texts() for row in page.locator(f"#{table} tbody tr").all()]
 
@@ -197,11 +206,14 @@ def test_the_page_draws_traffic_latency_ratings_and_drift_per_version_in_a_brows
             assert svg.count() == 1, name
             box = svg.bounding_box()
             assert box is not None and box["width"] > 900 and box["height"] > 150, (name, box)
-            assert svg.locator("path").count() > 20, name  # axes, ticks and the data lines
         # Lines per version, and where production moved, drawn and labelled.
         legend = page.locator("#plot-traffic svg text").all_text_contents()
         assert {"v1", "v2", "promote v2"} <= {t.strip() for t in legend}
         assert "v2 p95" in (page.locator("#plot-traffic svg").text_content() or "")
+        # Per version: its requests line and its p50 line, each with its legend sample.
+        assert _lines(page, "traffic", "#1f77b4") == _lines(page, "traffic", "#ff7f0e") == 4
+        assert _lines(page, "ratings", "#1f77b4") == 2  # v1's negative share, and its legend
+        assert _lines(page, "drift", "#d62728", 1.2) == 2  # quality's effect, and its legend
         requests_colours = _painted(page, "#plot-traffic")
         assert len(requests_colours) > 30 and _near(requests_colours, TAB_BLUE)
         ratings_colours = _painted(page, "#plot-ratings")
@@ -248,6 +260,58 @@ def test_an_empty_store_gives_a_page_that_says_what_to_do(tmp_path: Path) -> Non
     assert "No drift check yet: run `retune drift`." in page
     assert "no requests in the last 14 days" in page and "no ratings in the last 14 days" in page
     assert page.count("<svg") == 2  # traffic and ratings: no drift plot before a check
+
+
+def test_odd_rows_render_a_single_request_a_nan_latency_a_named_version_another_alias() -> None:
+    now = datetime(2026, 11, 30, tzinfo=UTC)
+    at = pd.to_datetime([now - timedelta(hours=1), now - timedelta(minutes=30)], utc=True)
+    data = MonitorData(
+        model_name="o'brien <bot>",
+        generated_at=now,
+        since=now - timedelta(days=1),
+        production_version=3,
+        traffic=pd.DataFrame(
+            {
+                "created_at": at,
+                "model_version": ["3", "canary"],
+                "latency_ms": [float("nan"), 12.0],
+                "completion_tokens": [4, 5],
+            }
+        ),
+        ratings=pd.DataFrame(
+            {
+                "created_at": at[:1],
+                "model_version": ["3"],
+                "rating": ["down"],
+                "score": [float("nan")],
+                "negative": [True],
+            }
+        ),
+        drift_runs=[DriftRun("r1", now, "none", "not enough data", False, {})],
+        moves=[
+            Event(
+                now - timedelta(hours=2),
+                "o'brien <bot>",
+                "candidate",
+                "propose",
+                None,
+                3,
+                False,
+                "gate",
+                "",
+            )
+        ],
+    )
+    page = render(data)
+    assert "<title>retune monitor: o&#x27;brien &lt;bot&gt;</title>" in page
+    versions = page.split('<table id="versions">')[1].split("</table>")[0]
+    assert versions.index("v3 (production)") < versions.index("vcanary")  # numbers first
+    assert "<td>-</td>" in versions  # v3's latency is unknown, not 'nan'
+    assert "<td>100%</td>" in versions
+    drift = page.split('<table id="drift-checks">')[1]
+    assert "<td>-</td><td>not enough data</td>" in drift  # no production then
+    assert "<td>candidate</td><td>propose</td>" in page
+    assert "propose v3" not in page  # only production's moves are drawn on the time plots
 
 
 @pytest.mark.parametrize(
@@ -311,8 +375,8 @@ def test_retune_monitor_shows_what_the_server_served_and_where_production_moved(
         assert [(m[1], m[2], m[4], m[5], m[6]) for m in moves] == [
             ("production", "promote", "v1", "test", "test")
         ]
-        for name in ("traffic", "ratings"):
-            assert page.locator(f"#plot-{name} svg path").count() > 20
+        assert _lines(page, "traffic", "#1f77b4") == 4  # v1: requests and p50 lines
+        assert _lines(page, "ratings", "#1f77b4") == 2  # v1's negative share
         assert page.locator("#plot-drift").count() == 0  # no drift check ran on this store
         assert "No drift check yet: run `retune drift`." in page.locator("main").inner_text()
         assert "no requests" not in page.locator("#plot-traffic").inner_text()

@@ -300,6 +300,44 @@ def test_batched_and_joining_rows_decode_as_they_would_alone_and_a_cancelled_row
         batcher.stop()
 
 
+def test_rows_leaving_take_their_padding_with_them_so_a_busy_batch_stays_narrow() -> None:
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    from retune.online.serving.batching import _crop_padding, _mergeable
+
+    cache = DynamicCache()
+    keys = torch.arange(2 * 1 * 5 * 2, dtype=torch.float32).reshape(2, 1, 5, 2)
+    cache.update(keys, keys + 100, 0)
+    assert _mergeable(cache)
+    # Row 0 joined late (left padded to the batch's width); the rows that needed the first two
+    # positions have left.
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    cropped = _crop_padding(cache, mask)
+    assert cropped.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert torch.equal(cache.layers[0].keys, keys[:, :, 2:, :])
+    assert torch.equal(cache.layers[0].values, keys[:, :, 2:, :] + 100)
+    assert cache.get_seq_length() == 3
+    assert _crop_padding(cache, cropped) is cropped  # nothing unused: unchanged
+
+
+def test_a_request_for_many_choices_is_not_overtaken_by_smaller_ones(tiny_model_dir: Path) -> None:
+    served = _served(tiny_model_dir)
+    batcher = Batcher(max_batch=4, max_queue=8)  # not started: the queue alone
+
+    def job(n: int) -> Job:
+        return Job(served, [1, 2], 4, [], Sampling(), n, lambda _event: None)
+
+    wide, small, cancelled = job(3), job(1), job(1)
+    cancelled.cancelled.set()
+    for j in (cancelled, wide, small):
+        batcher.submit(j)
+    # Two rows run: the 3-choice request does not fit yet, and the 1-choice one behind it
+    # waits its turn instead of taking the free row. The cancelled one is dropped.
+    assert batcher._fitting(served, 2) == [] and list(batcher._waiting) == [wide, small]
+    assert batcher._fitting(served, 0) == [wide, small] and batcher.running_rows == 4
+
+
 def test_retune_serve_takes_host_and_port_and_stops_cleanly_on_sigterm(
     registered: Params, tmp_path: Path
 ) -> None:

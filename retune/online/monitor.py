@@ -131,6 +131,7 @@ def collect(
     if registry is None:
         registry = Registry.open(params.tracking, name)
     now = now or datetime.now(UTC)
+    now = now.astimezone(UTC)  # the store keeps UTC without a zone: compare in UTC
     since = now - timedelta(days=params.monitor.days)
     store = FeedbackStore.open(params.feedback.store_url)
     try:
@@ -183,11 +184,17 @@ def _xs(times: Any) -> list[float]:
     return [_x(t) for t in times]
 
 
+def _version_key(version: str) -> tuple[bool, int, str]:
+    """Registry versions (numbers) in numeric order, anything else after them."""
+    number = version.isascii() and version.isdecimal()
+    return (not number, int(version) if number else 0, version)
+
+
 def _colours(versions: Sequence[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
     palette = colormaps["tab10"]
-    ordered = sorted(set(versions), key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))
+    ordered = sorted(set(versions), key=_version_key)
     return {v: palette(i % palette.N) for i, v in enumerate(ordered)}
 
 
@@ -415,10 +422,10 @@ def versions_table(data: MonitorData) -> str:
     """Per version: requests, latency, tokens, ratings and negative share in the period."""
     traffic = data.traffic.assign(model_version=data.traffic["model_version"].astype(str))
     ratings = data.ratings.assign(model_version=data.ratings["model_version"].astype(str))
+    # Newest version first; names that are not numbers after them.
     versions = sorted(
         set(traffic["model_version"]) | set(ratings["model_version"]),
-        key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v),
-        reverse=True,
+        key=lambda v: (_version_key(v)[0], -_version_key(v)[1], v),
     )
     rows = []
     for version in versions:
@@ -443,7 +450,8 @@ def versions_table(data: MonitorData) -> str:
 def drift_table(data: MonitorData) -> str:
     rows = []
     for run in data.drift_runs:
-        cells = [_stamp(run.at), f"v{run.production_version}", run.status]
+        production = run.production_version
+        cells = [_stamp(run.at), f"v{production}" if production.isdecimal() else "-", run.status]
         for name in CHECKS:
             check = run.checks.get(name)
             if check is None:

@@ -4,7 +4,8 @@ step for all of their rows at a time, on one thread of its own.
 A request (`Job`) asks for `n` rows (choices). The batcher takes waiting jobs, up to
 `max_batch` rows that share one loaded model, prefills their prompts (left padded) and decodes
 until every row is done; a row leaves the batch (and its cache) as soon as it is. Jobs that
-arrive meanwhile wait for the next batch, at most `max_queue` of them (`QueueFull` beyond).
+arrive meanwhile join the running batch at the next step while it has room (in arrival
+order), at most `max_queue` of them waiting (`QueueFull` beyond).
 
 Each row has its own sampling state: greedy or temperature / top-p sampling from a generator
 seeded by the request's `seed` (plus the choice's index), and OpenAI's presence and frequency
@@ -169,13 +170,20 @@ class Batcher:
             return self._fitting(self._waiting[0].model, 0)
 
     def _fitting(self, model: ServedModel, running: int) -> list[Job]:
-        """Take the waiting jobs of `model` that fit beside `running` rows (lock held)."""
+        """Take waiting jobs of `model` in arrival order while they fit beside `running` rows
+        (lock held). The first that does not fit (too many rows, or another model) stops the
+        taking: later, smaller jobs never overtake it, so a request for many choices gets its
+        rows as they free up instead of waiting for a lull."""
         taken, rows = [], running
-        for job in list(self._waiting):
-            if job.model is model and rows + job.n <= self.max_batch:
-                taken.append(job)
-                rows += job.n
-                self._waiting.remove(job)
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled.is_set():
+                self._waiting.popleft()
+                continue
+            if job.model is not model or rows + job.n > self.max_batch:
+                break
+            taken.append(self._waiting.popleft())
+            rows += job.n
         self.running_rows = rows
         return taken
 
@@ -184,7 +192,7 @@ class Batcher:
         if running >= self.max_batch or not self._waiting:
             return []
         with self._lock:
-            return [j for j in self._fitting(model, running) if not j.cancelled.is_set()]
+            return self._fitting(model, running)
 
     def _run(self) -> None:
         while (jobs := self._take()) is not None:
@@ -221,8 +229,11 @@ class Batcher:
                 if cache is not None and joining and not _mergeable(cache):
                     with self._lock:  # back to the queue's head: the next batch takes them
                         self._waiting.extendleft(reversed(joining))
+                        self.running_rows = len(rows)
                     joining = []
                 if joining:
+                    # Members before the prefill: if it fails, they hear the error too.
+                    self._members += [j for j in joining if j not in self._members]
                     new = [
                         Row(j, i, _generator(j.sampling.seed, i), ReplyText(j.stops))
                         for j in joining
@@ -238,7 +249,6 @@ class Batcher:
                         positions = torch.cat([positions, pos])
                         counts = torch.cat([counts, torch.zeros((len(new), vocab))])
                     rows += new
-                    self._members += [j for j in joining if j not in self._members]
                 started = time.perf_counter()
                 picked = _pick(logits, rows, counts)
                 counts[torch.arange(len(rows)), torch.tensor(picked)] += 1
@@ -255,6 +265,8 @@ class Batcher:
                     rows = [rows[i] for i in keep]
                     picked = [picked[i] for i in keep]
                     counts, positions, mask = counts[index], positions[index], mask[index]
+                    if _mergeable(cache):
+                        mask = _crop_padding(cache, mask)
                     with self._lock:
                         self.running_rows = len(rows)
                 positions = positions + 1
@@ -314,10 +326,24 @@ def _vocab_size(served: ServedModel) -> int:
 
 
 def _mergeable(cache: Any) -> bool:
-    """Whether rows can join `cache`: plain growing layers only (not sliding windows)."""
+    """Whether rows can join `cache`, and its padding be cropped: plain growing layers that
+    hold their own keys and values (not sliding windows, not layers sharing another's)."""
     from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    return all(type(layer) is DynamicLayer and layer.keys is not None for layer in cache.layers)
+
+
+def _crop_padding(cache: Any, mask: Any) -> Any:
+    """Drop the leading positions no remaining row attends to (left padding of rows that have
+    left) from `cache` (in place) and `mask`; return the mask. Without this, a batch that
+    rows keep joining would grow by one position per step for as long as traffic lasts."""
+    unused = int((mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
+    if unused == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, unused:, :]
+        layer.values = layer.values[:, :, unused:, :]
+    return mask[:, unused:]
 
 
 def _merge(cache: Any, mask: Any, joining: Any, joining_mask: Any) -> Any:

@@ -270,8 +270,11 @@ def _start(
     max_tokens = _max_tokens_for(state.params, req, model, len(prompt_ids))
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
+    # No temperature is greedy, retune's default; but top_p alone asks for sampling, at
+    # OpenAI's default temperature of 1, rather than being ignored.
+    temperature = 1.0 if req.temperature is None and req.top_p is not None else req.temperature
     sampling = Sampling(
-        temperature=req.temperature,
+        temperature=temperature,
         top_p=req.top_p,
         seed=req.seed,
         presence_penalty=req.presence_penalty or 0.0,

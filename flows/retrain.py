@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.runners import results, running, workers_for
 from retune.artifacts import FLOW_REPORT, REGISTER_REPORT
 from retune.config import DEFAULT_PARAMS, Params, load_params
 from retune.data.datastate import (
@@ -29,7 +30,7 @@ from retune.data.datastate import (
 )
 from retune.env import configure_environment
 from retune.runlock import project_folder, run_lock
-from tasks.cv import CvResult, cv_task, fold_task, summarize_task
+from tasks.cv import CvResult, cv_task, fold_task, parent_run, summarize_task
 from tasks.evaluate import evaluate_task
 from tasks.export_feedback import export_feedback_task
 from tasks.hygiene import hygiene_task
@@ -57,13 +58,24 @@ STAGES = (
 
 
 def cross_validate(params: Params) -> CvResult:
-    """The `cv` stage with its folds as independent tasks, so a task runner with spare cores
-    or machines (e.g. a process pool) can run them side by side; `tasks.cv.run` (DVC) runs
-    the same `fold` and `summarize` one after another."""
-    if params.cv.folds < 2:
+    """The `cv` stage with its folds as independent tasks on `params.runner`: one after
+    another (`sequential`), side by side in a process pool, or on Ray, each fold training with
+    its share of the cores. `tasks.cv.run` (DVC) runs the same `fold` and `summarize` one
+    after another."""
+    k = params.cv.folds
+    if k < 2:
         return cv_task(params)
-    folds = [fold_task.submit(params, i) for i in range(params.cv.folds)]
-    return summarize_task(params, [f.result() for f in folds])
+    parent = parent_run(params)
+    workers = workers_for(params.runner, k)
+    if workers > 1:
+        print(f"cv: {k} folds on the {params.runner.kind} runner, {workers} at a time")
+    with running(params.runner, k) as submit:
+        futures = [
+            submit(fold_task, params=params, k_index=i, parent_run_id=parent, concurrent=workers)
+            for i in range(k)
+        ]
+        folds = results(futures)
+    return summarize_task(params, folds, parent_run_id=parent)
 
 
 def _up_to_date(params: Params, fingerprint: str, finished: str | None) -> dict[str, Any]:

@@ -418,6 +418,21 @@ class DriftParams:
     min_ks_statistic: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
 
 
+RunnerKind = Literal["sequential", "process", "ray"]
+
+
+@dataclass(config=_STRICT)
+class RunnerParams:
+    """Where the flow runs work that is independent (CV folds, tuning trials): one after
+    another, side by side in a local process pool, or on a Ray cluster."""
+
+    kind: RunnerKind = "sequential"
+    # At most this many at once (process, ray); None: one per core this process may use.
+    workers: Annotated[int, Field(ge=1)] | None = None
+    # ray: a running cluster ("ray://head:10001", or "auto"); None starts a local one.
+    ray_address: str | None = None
+
+
 @dataclass(config=_STRICT)
 class MonitorParams:
     """`retune monitor` and the page each drift check logs: how production is doing."""
@@ -462,6 +477,7 @@ class Params:
     serve: ServeParams = field(default_factory=ServeParams)
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
     drift: DriftParams = field(default_factory=DriftParams)
+    runner: RunnerParams = field(default_factory=RunnerParams)
     monitor: MonitorParams = field(default_factory=MonitorParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
 

@@ -95,10 +95,16 @@ class _LazyTask:
             self._task = task(name=self._name, cache_policy=NO_CACHE)(self._fn)
         return self._task
 
+    def prefect_task(self) -> Task[..., Any]:
+        """The task itself, for APIs that check its type (a task runner's `submit`)."""
+        return self._made()
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._made()(*args, **kwargs)
 
     def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):  # its own fields, before unpickling set them (process pools)
+            raise AttributeError(attr)
         return getattr(self._made(), attr)
 
     def __repr__(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from retune.config import Params
+from retune.errors import RetuneError
 from retune.data.records import read_records
 from tasks import cv, preference, split, train
 
@@ -144,3 +146,52 @@ def test_folds_are_child_runs_and_the_summary_matches_them(
     assert [f.perplexity for f in again] == pytest.approx([f.perplexity for f in result.folds])
     assert {f.run_id for f in again}.isdisjoint({f.run_id for f in result.folds})
     assert capsys.readouterr().out.count("nothing left to train") == 2
+
+
+@pytest.mark.slow
+def test_folds_on_a_process_pool_run_side_by_side_and_match_the_sequential_ones(
+    trained: Params,
+) -> None:
+    """`runner.kind: process`: the flow's folds train at the same time in spawned processes,
+    each with its share of the cores, and score as the folds run one after another do."""
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.retrain import cross_validate
+
+    params = with_folds(trained, 2)
+    sequential = cv.run(params)
+    shutil.rmtree(params.paths.checkpoints / cv.CV_DIR)  # no fold checkpoint to resume from
+    pooled_params = dataclasses.replace(
+        params, runner=dataclasses.replace(params.runner, kind="process", workers=2)
+    )
+
+    @flow
+    def folds() -> cv.CvResult:
+        return cross_validate(pooled_params)
+
+    with prefect_test_harness(server_startup_timeout=120):
+        pooled = folds()
+
+    assert [f.fold for f in pooled.folds] == [0, 1]
+    # Side by side: each started before the other finished.
+    assert max(f.started_at for f in pooled.folds) < min(f.finished_at for f in pooled.folds)
+    for alone, pool in zip(sequential.folds, pooled.folds, strict=True):
+        assert (pool.n_train, pool.n_validation, pool.steps) == (
+            alone.n_train,
+            alone.n_validation,
+            alone.steps,
+        )
+        # One thread each instead of all the cores: the same model up to float rounding.
+        assert pool.perplexity == pytest.approx(alone.perplexity, rel=1e-3)
+        assert pool.next_token_accuracy == pytest.approx(alone.next_token_accuracy, abs=1e-3)
+        assert pool.run_id != alone.run_id  # each its own MLflow child run
+    assert pooled.parent_run_id == sequential.parent_run_id
+    assert pooled.perplexity_mean == pytest.approx(sequential.perplexity_mean, rel=1e-3)
+
+    # A fold that fails in its process fails the step with its own message; nothing hangs.
+    train_file = params.paths.split / "train.parquet"
+    train_file.rename(train_file.with_suffix(".moved"))
+    with prefect_test_harness(server_startup_timeout=120), pytest.raises(RetuneError) as failed:
+        folds()
+    assert str(train_file) in str(failed.value) and "`retune split`" in str(failed.value)

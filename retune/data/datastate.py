@@ -27,7 +27,8 @@ FINGERPRINT_TAG = "retune.incoming_fingerprint"
 # would rebuild the model it already has, so the `retrain` flow skips it.
 RUN_FINGERPRINT_TAG = "retune.run_fingerprint"
 # Sections that configure serving and the loop around the model, not the model itself.
-_NOT_MODEL_SECTIONS = ("serve", "feedback", "drift", "schedule")
+# Where work runs (runner) and what watches production change no model.
+_NOT_MODEL_SECTIONS = ("serve", "feedback", "drift", "monitor", "runner", "schedule")
 _CODE_ROOT = Path(__file__).resolve().parents[2]
 _CODE_PACKAGES = ("retune", "tasks", "flows")
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from retune.artifacts import DRIFT_REPORT, PIPELINE
+from retune.artifacts import DRIFT_REPORT, PIPELINE, TUNE_BEST
 from retune.config import DEFAULT_PARAMS, ConfigError, Params, load_params, to_plain
 from retune.entry import DEBUG_ENV, debug_requested, error_message, skip_final_collection
 from retune.env import configure_environment
@@ -349,6 +349,32 @@ def monitor(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> 
     from tasks.monitor import run as monitor_run
 
     _guarded(monitor_run, resolved)
+
+
+@app.command()
+def tune(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Search the train settings in tune.space with Optuna; write the best as overrides.
+
+    Each trial trains on the train split less a validation fold, as an MLflow child run of
+    the study's run, pruned when its eval loss trails; trials run on params.runner. The best
+    settings go to reports/tune_best.txt: `retune run $(cat reports/tune_best.txt)` trains
+    them through the pipeline and the gate. A rerun resumes the study.
+    """
+    resolved = _guarded(_params, params, overrides)
+    from flows.startup import prefect_api
+    from flows.tune import tune as tune_flow
+    from retune.runlock import project_folder, run_lock
+
+    with contextlib.ExitStack() as stack:
+        _guarded(stack.enter_context, run_lock(project_folder(params)))
+        _guarded(stack.enter_context, prefect_api(resolved))
+        report = _guarded(tune_flow, str(params), list(overrides or []))
+    typer.echo(
+        f"tune: {len(report['trials'])} trials ({report['n_pruned']} pruned, "
+        f"{report['n_failed']} failed); best eval loss {report['best']['eval_loss']:.4f} vs "
+        f"{report['baseline_eval_loss']} with the current settings; best settings in "
+        f"{TUNE_BEST.path(resolved)}"
+    )
 
 
 @app.command("export-feedback")

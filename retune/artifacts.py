@@ -172,6 +172,8 @@ FLOW_REPORT = Artifact("reports", "flow.json", "run")
 DRIFT_REPORT = Artifact("reports", "drift.json", "drift")
 DRIFT_CHART = Artifact("reports", "drift.png", "drift")
 MONITOR_PAGE = Artifact("reports", "monitor.html", "monitor")
+TUNE_REPORT = Artifact("reports", "tune.json", "tune")
+TUNE_BEST = Artifact("reports", "tune_best.txt", "tune")  # the best trial as run overrides
 EXPORT_FEEDBACK_REPORT = Artifact("reports", "export_feedback.json", "export-feedback")
 
 

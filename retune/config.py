@@ -418,6 +418,55 @@ class DriftParams:
     min_ks_statistic: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
 
 
+@dataclass(config=_STRICT)
+class SearchRange:
+    """One searched setting: numbers from `low` to `high` (on a log scale with `log`), or one
+    of `choices`. Whole numbers where the setting is an int."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[float | int | str | bool] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("give `low` and `high`, or `choices`, not both and not neither")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+
+
+def _default_space() -> dict[str, SearchRange]:
+    return {
+        "train.learning_rate": SearchRange(low=3.0e-4, high=6.0e-3, log=True),
+        "train.warmup_steps": SearchRange(low=0, high=60),
+        "train.per_device_train_batch_size": SearchRange(choices=[4, 8, 16]),
+    }
+
+
+@dataclass(config=_STRICT)
+class TuneParams:
+    """`retune tune`: an Optuna search of `space`, each trial a training of the train split
+    less one validation fold (never the holdout), pruned on its eval loss."""
+
+    trials: Annotated[int, Field(ge=1)] = 8  # trials ended (complete or pruned) per study
+    # Trials validate on one of `folds` conversation groups of the train split.
+    folds: Annotated[int, Field(ge=2)] = 5
+    pruner: Literal["median", "none"] = "median"
+    startup_trials: Annotated[int, Field(ge=0)] = 2  # trials finished before any is pruned
+    warmup_steps: Annotated[int, Field(ge=0)] = 0  # a trial's steps before it can be pruned
+    # Optuna storage URL; None: sqlite beside the tracking store (optuna.db). A study with the
+    # same name there resumes: its ended trials count.
+    storage: str | None = None
+    study: str | None = None  # None: "<tracking.experiment>-tune"
+    # Settings of every trial, e.g. a shorter schedule: {"train.max_steps": 100}.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Settings tried first, before the sampler's picks (the current values always go first).
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    space: dict[str, SearchRange] = field(default_factory=_default_space)
+
+
 RunnerKind = Literal["sequential", "process", "ray"]
 
 
@@ -478,6 +527,7 @@ class Params:
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
     drift: DriftParams = field(default_factory=DriftParams)
     runner: RunnerParams = field(default_factory=RunnerParams)
+    tune: TuneParams = field(default_factory=TuneParams)
     monitor: MonitorParams = field(default_factory=MonitorParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
 

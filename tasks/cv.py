@@ -7,7 +7,6 @@ Prefect flows; a flow can instead map `fold_task` over the folds and finish with
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 import statistics
 import threading
@@ -18,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retune.artifacts import (
@@ -31,6 +28,7 @@ from retune.artifacts import (
     pipeline_run_id,
 )
 from retune.config import Params, ScoringParams, TrainParams
+from retune.data.folds import fold_split
 from retune.data.records import read_records
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
@@ -85,22 +83,6 @@ class CvResult:
     parent_run_id: str | None
     report_file: Path
     chart_file: Path | None
-
-
-def fold_of(conversation_id: str, k: int) -> int:
-    """The fold (0..k-1) this conversation belongs to; depends on nothing but the id and k, so
-    adding data never moves a conversation to another fold."""
-    digest = hashlib.sha256(b"retune-cv:" + conversation_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % k
-
-
-def fold_split(records: pa.Table, k: int, index: int) -> tuple[pa.Table, pa.Table]:
-    """Partition `records` into (train, validation) for fold `index` of `k`, by conversation."""
-    folds = pa.array(
-        [fold_of(c, k) for c in records.column("conversation_id").to_pylist()], type=pa.int64()
-    )
-    held_out = pc.equal(folds, index)
-    return records.filter(pc.invert(held_out)), records.filter(held_out)
 
 
 def train_fold(

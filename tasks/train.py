@@ -29,18 +29,12 @@ from retune.model.adapters import ADAPTER_DIR
 from retune.model.base import PROVENANCE
 from retune.model.checkpoints import checkpoint_step, file_sha256
 from retune.model.training import History, TrainResult, train
-from retune.release.tracking import setup_tracking, step_metrics_callback
+from retune.release.tracking import STEP_METRICS, setup_tracking, step_metrics_callback
 
 if TYPE_CHECKING:
     pass
 
 # Trainer log key -> MLflow metric name, logged with the optimizer step.
-_STEP_METRICS = {
-    "loss": "train_loss",
-    "eval_loss": "eval_loss",
-    "learning_rate": "learning_rate",
-    "grad_norm": "grad_norm",
-}
 
 
 def _log_history(history: History, up_to: int) -> None:
@@ -139,7 +133,7 @@ def run(params: Params) -> TrainResult:
             holdout_file,
             SFT_MODEL.path(params),
             paths.checkpoints,
-            callbacks=[step_metrics_callback(_STEP_METRICS)],
+            callbacks=[step_metrics_callback(STEP_METRICS)],
         )
         final = {
             "train_runtime_s": result.runtime_s,

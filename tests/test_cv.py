@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 
 from retune.config import Params
-from retune.errors import RetuneError
 from retune.data.records import read_records
+from retune.errors import RetuneError
 from tasks import cv, preference, split, train
 
 

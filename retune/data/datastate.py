@@ -28,7 +28,7 @@ FINGERPRINT_TAG = "retune.incoming_fingerprint"
 RUN_FINGERPRINT_TAG = "retune.run_fingerprint"
 # Sections that configure serving and the loop around the model, not the model itself.
 # Where work runs (runner) and what watches production change no model.
-_NOT_MODEL_SECTIONS = ("serve", "feedback", "drift", "monitor", "runner", "schedule")
+_NOT_MODEL_SECTIONS = ("serve", "feedback", "drift", "monitor", "runner", "tune", "schedule")
 _CODE_ROOT = Path(__file__).resolve().parents[2]
 _CODE_PACKAGES = ("retune", "tasks", "flows")
 

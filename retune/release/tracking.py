@@ -74,6 +74,15 @@ def side_experiment(cfg: TrackingParams, suffix: str) -> str:
     return str(client.create_experiment(name, artifact_location=artifacts.as_uri()))
 
 
+# Trainer log keys -> the MLflow metric names a training's curve is logged under.
+STEP_METRICS = {
+    "loss": "train_loss",
+    "eval_loss": "eval_loss",
+    "learning_rate": "learning_rate",
+    "grad_norm": "grad_norm",
+}
+
+
 def step_metrics_callback(names: Mapping[str, str]) -> Any:
     """A Trainer callback that logs each `names` key of the Trainer's logs into the active
     MLflow run, as its mapped name, by step."""

@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Optional extras on top of dev, e.g. `make setup EXTRAS=dev,ray` (Ray runner, ~270 MB).
+EXTRAS ?= dev
 # dvc.yaml's `python -m tasks.<stage>` and `mlflow models serve` must find the venv's tools.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -qq --upgrade pip
-	$(BIN)/pip install -qq -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -qq -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 # Once per clone (not on every make call: starting dvc takes ~0.4 s).

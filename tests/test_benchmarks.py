@@ -19,6 +19,7 @@ from benchmarks import (
     overhead,
     reruns,
     run_all,
+    scaleout,
     serve,
 )
 from benchmarks.report import meets, write_report
@@ -120,6 +121,16 @@ def test_serve_smoke_streams_batches_and_stores_every_rating(tmp_path: Path) -> 
     assert 0 < rows["smoke_ttft_p50"]["value"] <= rows["smoke_streamed_latency_p50"]["value"]
     assert rows["smoke_feedback_sent"]["value"] > 0
     assert rows["smoke_feedback_lost"]["value"] == rows["smoke_feedback_errors"]["value"] == 0
+
+
+@pytest.mark.slow
+def test_scaleout_smoke_times_folds_on_each_runner_and_a_search(tmp_path: Path) -> None:
+    assert scaleout.main(["--smoke", "--trials", "3", "--out", str(tmp_path)]) == 0
+    rows = rows_of(tmp_path, "scaleout")
+    assert rows["cv_sequential_wall"]["value"] > 0 and rows["cv_process_wall"]["value"] > 0
+    assert rows["cv_process_perplexity_diff"]["value"] < 0.1  # percent
+    assert rows["tune_trials"]["value"] == 3
+    assert rows["tune_best_eval_loss"]["value"] <= rows["tune_baseline_eval_loss"]["value"]
 
 
 @pytest.mark.slow

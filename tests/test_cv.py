@@ -195,3 +195,39 @@ def test_folds_on_a_process_pool_run_side_by_side_and_match_the_sequential_ones(
     with prefect_test_harness(server_startup_timeout=120), pytest.raises(RetuneError) as failed:
         folds()
     assert str(train_file) in str(failed.value) and "`retune split`" in str(failed.value)
+
+
+@pytest.mark.slow
+def test_folds_on_a_local_ray_cluster_match_the_sequential_ones(trained: Params) -> None:
+    """`runner.kind: ray` with no address: a local Ray cluster on 127.0.0.1 for the step, the
+    folds as Ray tasks, scored as the folds run one after another are."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("prefect_ray") is None:
+        if os.environ.get("RETUNE_REQUIRE_RAY"):
+            pytest.fail("RETUNE_REQUIRE_RAY is set but the ray extra is not installed")
+        pytest.skip("the ray extra is not installed (pip install -e '.[ray]')")
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.retrain import cross_validate
+
+    params = with_folds(trained, 2)
+    sequential = cv.run(params)
+    shutil.rmtree(params.paths.checkpoints / cv.CV_DIR)
+    on_ray = dataclasses.replace(
+        params, runner=dataclasses.replace(params.runner, kind="ray", workers=2)
+    )
+
+    @flow
+    def folds() -> cv.CvResult:
+        return cross_validate(on_ray)
+
+    with prefect_test_harness(server_startup_timeout=120):
+        result = folds()
+    assert [f.fold for f in result.folds] == [0, 1]
+    for alone, remote in zip(sequential.folds, result.folds, strict=True):
+        assert remote.n_train == alone.n_train and remote.steps == alone.steps
+        assert remote.perplexity == pytest.approx(alone.perplexity, rel=1e-3)
+    assert result.parent_run_id == sequential.parent_run_id

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from retune.config import Params
+from retune.config import Params, RunnerKind
 from retune.data.records import read_records
 from retune.errors import RetuneError
 from tasks import cv, preference, split, train
@@ -149,11 +149,20 @@ def test_folds_are_child_runs_and_the_summary_matches_them(
 
 
 @pytest.mark.slow
-def test_folds_on_a_process_pool_run_side_by_side_and_match_the_sequential_ones(
-    trained: Params,
+@pytest.mark.parametrize("kind", ["process", "ray"])
+def test_folds_on_a_runner_run_side_by_side_and_match_the_sequential_ones(
+    trained: Params, kind: RunnerKind
 ) -> None:
-    """`runner.kind: process`: the flow's folds train at the same time in spawned processes,
-    each with its share of the cores, and score as the folds run one after another do."""
+    """`runner.kind: process` (spawned processes) or `ray` (a local Ray cluster on 127.0.0.1):
+    the flow's folds train at the same time, each with its share of the cores, and score as
+    the folds run one after another do; a fold that fails fails the step with its message."""
+    import importlib.util
+    import os
+
+    if kind == "ray" and importlib.util.find_spec("prefect_ray") is None:
+        if os.environ.get("RETUNE_REQUIRE_RAY"):
+            pytest.fail("RETUNE_REQUIRE_RAY is set but the ray extra is not installed")
+        pytest.skip("the ray extra is not installed (pip install -e '.[ray]')")
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
@@ -162,13 +171,13 @@ def test_folds_on_a_process_pool_run_side_by_side_and_match_the_sequential_ones(
     params = with_folds(trained, 2)
     sequential = cv.run(params)
     shutil.rmtree(params.paths.checkpoints / cv.CV_DIR)  # no fold checkpoint to resume from
-    pooled_params = dataclasses.replace(
-        params, runner=dataclasses.replace(params.runner, kind="process", workers=2)
+    on_runner = dataclasses.replace(
+        params, runner=dataclasses.replace(params.runner, kind=kind, workers=2)
     )
 
     @flow
     def folds() -> cv.CvResult:
-        return cross_validate(pooled_params)
+        return cross_validate(on_runner)
 
     with prefect_test_harness(server_startup_timeout=120):
         pooled = folds()
@@ -189,45 +198,9 @@ def test_folds_on_a_process_pool_run_side_by_side_and_match_the_sequential_ones(
     assert pooled.parent_run_id == sequential.parent_run_id
     assert pooled.perplexity_mean == pytest.approx(sequential.perplexity_mean, rel=1e-3)
 
-    # A fold that fails in its process fails the step with its own message; nothing hangs.
+    # A fold that fails where it runs fails the step with its own message; nothing hangs.
     train_file = params.paths.split / "train.parquet"
     train_file.rename(train_file.with_suffix(".moved"))
     with prefect_test_harness(server_startup_timeout=120), pytest.raises(RetuneError) as failed:
         folds()
     assert str(train_file) in str(failed.value) and "`retune split`" in str(failed.value)
-
-
-@pytest.mark.slow
-def test_folds_on_a_local_ray_cluster_match_the_sequential_ones(trained: Params) -> None:
-    """`runner.kind: ray` with no address: a local Ray cluster on 127.0.0.1 for the step, the
-    folds as Ray tasks, scored as the folds run one after another are."""
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("prefect_ray") is None:
-        if os.environ.get("RETUNE_REQUIRE_RAY"):
-            pytest.fail("RETUNE_REQUIRE_RAY is set but the ray extra is not installed")
-        pytest.skip("the ray extra is not installed (pip install -e '.[ray]')")
-    from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.retrain import cross_validate
-
-    params = with_folds(trained, 2)
-    sequential = cv.run(params)
-    shutil.rmtree(params.paths.checkpoints / cv.CV_DIR)
-    on_ray = dataclasses.replace(
-        params, runner=dataclasses.replace(params.runner, kind="ray", workers=2)
-    )
-
-    @flow
-    def folds() -> cv.CvResult:
-        return cross_validate(on_ray)
-
-    with prefect_test_harness(server_startup_timeout=120):
-        result = folds()
-    assert [f.fold for f in result.folds] == [0, 1]
-    for alone, remote in zip(sequential.folds, result.folds, strict=True):
-        assert remote.n_train == alone.n_train and remote.steps == alone.steps
-        assert remote.perplexity == pytest.approx(alone.perplexity, rel=1e-3)
-    assert result.parent_run_id == sequential.parent_run_id

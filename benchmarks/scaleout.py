@@ -11,6 +11,7 @@ benchmarks/results/scaleout.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -78,113 +79,121 @@ def main(argv: list[str] | None = None) -> int:
     for stage in ("sample", "ingest", "hygiene", "validate", "split"):
         print(f"scaleout: {stage}", flush=True)
         untimed([str(BIN / "retune"), stage, "--params", str(params_file)], work, env)
-    os.chdir(work)  # the params' relative paths (data/, mlruns/) are under the scratch folder
-    params = load_params(params_file)
-    cores = os.cpu_count() or 1
-    model = "tiny model" if args.smoke else "default model"
-    load = os.getloadavg()[0]
-    rows = []
+    # The params' relative paths (data/, mlruns/) are under the scratch folder; the caller's
+    # working directory comes back however this ends.
+    with contextlib.chdir(work):
+        params = load_params(params_file)
+        cores = os.cpu_count() or 1
+        model = "tiny model" if args.smoke else "default model"
+        load = os.getloadavg()[0]
+        rows = []
 
-    from flows.startup import prefect_api
+        from flows.startup import prefect_api
 
-    with prefect_api(params):
-        walls: dict[str, float] = {}
-        perplexities: dict[str, list[float]] = {}
-        for kind in RUNNERS:
-            if kind == "ray" and importlib.util.find_spec("prefect_ray") is None:
-                print("scaleout: ray not measured: the ray extra is not installed", flush=True)
-                continue
-            print(f"scaleout: {args.folds} folds on the {kind} runner", flush=True)
-            walls[kind], perplexities[kind] = folds_on(params, kind)
-            rows.append(
-                row(
-                    f"cv_{kind}_wall",
-                    walls[kind],
-                    "s",
-                    None,
-                    f"{args.folds} folds x {steps} steps, {model}; {cores} cores; "
-                    f"perplexities {', '.join(f'{p:.3f}' for p in perplexities[kind])}",
-                )
-            )
-        for other in walls:
-            if other != "sequential":
-                rows.append(
-                    row(f"cv_{other}_speedup", walls["sequential"] / walls[other], "x sequential")
-                )
-                diff = max(
-                    abs(a - b) / b
-                    for a, b in zip(perplexities[other], perplexities["sequential"], strict=True)
-                )
+        with prefect_api(params):
+            walls: dict[str, float] = {}
+            perplexities: dict[str, list[float]] = {}
+            for kind in RUNNERS:
+                if kind == "ray" and importlib.util.find_spec("prefect_ray") is None:
+                    print("scaleout: ray not measured: the ray extra is not installed", flush=True)
+                    continue
+                print(f"scaleout: {args.folds} folds on the {kind} runner", flush=True)
+                walls[kind], perplexities[kind] = folds_on(params, kind)
                 rows.append(
                     row(
-                        f"cv_{other}_perplexity_diff",
-                        diff * 100,
-                        "% max",
+                        f"cv_{kind}_wall",
+                        walls[kind],
+                        "s",
                         None,
-                        "same folds and seeds; one thread a fold instead of all",
+                        f"{args.folds} folds x {steps} steps, {model}; {cores} cores; "
+                        f"perplexities {', '.join(f'{p:.3f}' for p in perplexities[kind])}",
                     )
                 )
+            for other in walls:
+                if other != "sequential":
+                    rows.append(
+                        row(
+                            f"cv_{other}_speedup",
+                            walls["sequential"] / walls[other],
+                            "x sequential",
+                        )
+                    )
+                    diff = max(
+                        abs(a - b) / b
+                        for a, b in zip(
+                            perplexities[other], perplexities["sequential"], strict=True
+                        )
+                    )
+                    rows.append(
+                        row(
+                            f"cv_{other}_perplexity_diff",
+                            diff * 100,
+                            "% max",
+                            None,
+                            "same folds and seeds; one thread a fold instead of all",
+                        )
+                    )
 
-        from flows.tune import tune as tune_flow
+            from flows.tune import tune as tune_flow
 
-        trial_steps = 8 if args.smoke else args.trial_steps
-        tune_overrides = [
-            f"tune.trials={args.trials}",
-            f"tune.overrides={{train.max_steps: {trial_steps}, "
-            f"train.eval_steps: {max(1, trial_steps // 4)}}}",
+            trial_steps = 8 if args.smoke else args.trial_steps
+            tune_overrides = [
+                f"tune.trials={args.trials}",
+                f"tune.overrides={{train.max_steps: {trial_steps}, "
+                f"train.eval_steps: {max(1, trial_steps // 4)}}}",
+            ]
+            print(f"scaleout: tune, {args.trials} trials of {trial_steps} steps", flush=True)
+            started = time.perf_counter()
+            report = cast(dict[str, Any], tune_flow(str(params_file), tune_overrides))
+            tune_wall = time.perf_counter() - started
+        best, base = report["best"], report["baseline_eval_loss"]
+        rows += [
+            row(
+                "tune_wall",
+                tune_wall,
+                "s",
+                None,
+                f"{len(report['trials'])} trials x {trial_steps} steps on the sequential runner, "
+                f"{model}, the default search space, TPE + median pruner",
+            ),
+            row("tune_trials", len(report["trials"]), "trials", f">= {args.trials}"),
+            row(
+                "tune_pruned",
+                report["n_pruned"],
+                "trials",
+                None,
+                "stopped at an evaluation whose loss trailed the median",
+            ),
+            row(
+                "tune_baseline_eval_loss",
+                base,
+                "nats/token",
+                None,
+                "trial 0: the current settings, on the validation fold",
+            ),
+            row(
+                "tune_best_eval_loss",
+                best["eval_loss"],
+                "nats/token",
+                None,
+                f"trial {best['number']}: {report['best_overrides']}",
+            ),
+            row(
+                "tune_best_vs_baseline",
+                (base - best["eval_loss"]) / base * 100,
+                "% lower",
+            ),
         ]
-        print(f"scaleout: tune, {args.trials} trials of {trial_steps} steps", flush=True)
-        started = time.perf_counter()
-        report = cast(dict[str, Any], tune_flow(str(params_file), tune_overrides))
-        tune_wall = time.perf_counter() - started
-    best, base = report["best"], report["baseline_eval_loss"]
-    rows += [
-        row(
-            "tune_wall",
-            tune_wall,
-            "s",
-            None,
-            f"{len(report['trials'])} trials x {trial_steps} steps on the sequential runner, "
-            f"{model}, the default search space, TPE + median pruner",
-        ),
-        row("tune_trials", len(report["trials"]), "trials", f">= {args.trials}"),
-        row(
-            "tune_pruned",
-            report["n_pruned"],
-            "trials",
-            None,
-            "stopped at an evaluation whose loss trailed the median",
-        ),
-        row(
-            "tune_baseline_eval_loss",
-            base,
-            "nats/token",
-            None,
-            "trial 0: the current settings, on the validation fold",
-        ),
-        row(
-            "tune_best_eval_loss",
-            best["eval_loss"],
-            "nats/token",
-            None,
-            f"trial {best['number']}: {report['best_overrides']}",
-        ),
-        row(
-            "tune_best_vs_baseline",
-            (base - best["eval_loss"]) / base * 100,
-            "% lower",
-        ),
-    ]
-    rows.append(
-        row(
-            "load_at_start",
-            load,
-            "load avg",
-            None,
-            f"{cores} cores; ray: "
-            + ("measured" if "ray" in walls else "not measured, extra not installed"),
+        rows.append(
+            row(
+                "load_at_start",
+                load,
+                "load avg",
+                None,
+                f"{cores} cores; ray: "
+                + ("measured" if "ray" in walls else "not measured, extra not installed"),
+            )
         )
-    )
     write_result(NAME, command_line(NAME, argv), rows, out)
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -125,7 +125,9 @@ def test_serve_smoke_streams_batches_and_stores_every_rating(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_scaleout_smoke_times_folds_on_each_runner_and_a_search(tmp_path: Path) -> None:
+    cwd = Path.cwd()
     assert scaleout.main(["--smoke", "--trials", "3", "--out", str(tmp_path)]) == 0
+    assert Path.cwd() == cwd  # it worked in a scratch folder, and came back
     rows = rows_of(tmp_path, "scaleout")
     assert rows["cv_sequential_wall"]["value"] > 0 and rows["cv_process_wall"]["value"] > 0
     assert rows["cv_process_perplexity_diff"]["value"] < 0.1  # percent

@@ -34,6 +34,7 @@ from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
 from retune.model.training import available_cores, train
+from retune.release.tracking import child_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -233,7 +234,6 @@ def fold(
     so side-by-side folds do not fight over them. Folds in threads of one process take turns.
     """
     from mlflow.entities import Metric, Param, RunStatus
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     k = params.cv.folds
@@ -241,18 +241,9 @@ def fold(
         raise RetuneError(f"cv.folds={k}: cross-validation is off (set it to 2 or more)")
     parent = _parent(params, parent_run_id)
     client = _mlflow_client(params)
-    experiment_id = client.get_run(parent).info.experiment_id
-    child = client.create_run(
-        experiment_id,
-        run_name=f"fold-{k_index}",
-        tags={
-            MLFLOW_PARENT_RUN_ID: parent,
-            MLFLOW_RUN_NAME: f"fold-{k_index}",
-            "retune.stage": "cv",
-            "retune.fold": str(k_index),
-        },
+    run_id = child_run(
+        client, parent, f"fold-{k_index}", {"retune.stage": "cv", "retune.fold": str(k_index)}
     )
-    run_id = child.info.run_id
     try:
         settings = {
             key: value[:MAX_PARAM_VAL_LENGTH]

@@ -43,6 +43,7 @@ from retune.model.tuning import (
 )
 from retune.release.tracking import (
     STEP_METRICS,
+    child_run,
     resolved_uri,
     setup_tracking,
     step_metrics_callback,
@@ -104,6 +105,12 @@ class TuneResult:
         }
 
 
+def split_files(params: Params) -> tuple[Path, Path]:
+    """Where the trials' train and validation records are (`validation_split` writes them)."""
+    folder = params.paths.checkpoints / TUNE_DIR
+    return folder / TRAIN_FILE, folder / "validation.parquet"
+
+
 def validation_split(params: Params) -> tuple[Path, Path]:
     """The train split less fold 0 of `tune.folds` (by conversation), and that fold: what every
     trial trains and validates on, under paths.checkpoints/tune."""
@@ -114,9 +121,8 @@ def validation_split(params: Params) -> tuple[Path, Path]:
             f"tune.folds={params.tune.folds} leaves {fit.num_rows} train and {held.num_rows} "
             f"validation records of {TRAIN_SPLIT.path(params)}; lower tune.folds or add data"
         )
-    folder = params.paths.checkpoints / TUNE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    train_file, validation_file = folder / TRAIN_FILE, folder / "validation.parquet"
+    train_file, validation_file = split_files(params)
+    train_file.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(fit, train_file)
     pq.write_table(held, validation_file)
     return train_file, validation_file
@@ -138,21 +144,15 @@ def trial(
     failed search."""
     import mlflow
     import optuna
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     started = time.perf_counter()
     client = mlflow.MlflowClient(tracking_uri=resolved_uri(params.tracking.uri))
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    run = client.create_run(
-        experiment,
-        run_name=f"trial-{number}",
-        tags={
-            MLFLOW_PARENT_RUN_ID: parent_run_id,
-            "retune.stage": "tune",
-            "retune.trial": str(number),
-        },
+    run_id = child_run(
+        client,
+        parent_run_id,
+        f"trial-{number}",
+        {"retune.stage": "tune", "retune.trial": str(number)},
     )
-    run_id = run.info.run_id
     loaded = optuna.load_study(study_name=study, storage=storage, pruner=make_pruner(params.tune))
     live = optuna.trial.Trial(loaded, trial_id)
 
@@ -162,7 +162,7 @@ def trial(
 
     prune = pruning_callback(report)
     work = params.paths.checkpoints / TUNE_DIR / f"trial-{number}"
-    folder = params.paths.checkpoints / TUNE_DIR
+    train_file, validation_file = split_files(params)
     print(f"tune: trial {number}: {override_line(values)}", flush=True)
     try:
         tuned = trial_params(params, values)
@@ -172,8 +172,8 @@ def trial(
             result = train(
                 tuned.train,
                 params.seed,
-                folder / TRAIN_FILE,
-                folder / "validation.parquet",
+                train_file,
+                validation_file,
                 work / "model",
                 work / "checkpoints",
                 callbacks=[step_metrics_callback(STEP_METRICS), prune],

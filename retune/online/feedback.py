@@ -365,9 +365,11 @@ class FeedbackStore:
         query = query.order_by(key.desc())
         if limit is not None:
             query = query.limit(max(0, limit))
+        return self._rows(query)[::-1]
+
+    def _rows(self, query: Any) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
-        return rows[::-1]
+            return [dict(r._mapping) for r in conn.execute(query)]
 
     def count_interactions(self) -> int:
         with self.engine.connect() as conn:
@@ -423,9 +425,7 @@ class FeedbackStore:
             .where(i.c.model_name == model_name, i.c.created_at >= since)
             .order_by(i.c.seq)
         )
-        with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
-        return _frame(rows, TRAFFIC_COLUMNS)
+        return _frame(self._rows(query), TRAFFIC_COLUMNS)
 
     def ratings_frame(self, *, model_name: str, since: datetime) -> pd.DataFrame:
         """Feedback on `model_name`'s replies given from `since` on, oldest first, without
@@ -437,9 +437,7 @@ class FeedbackStore:
             .where(i.c.model_name == model_name, f.c.created_at >= since)
             .order_by(f.c.id)
         )
-        with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
-        return _frame(_with_negative(rows), RATING_COLUMNS)
+        return _frame(_with_negative(self._rows(query)), RATING_COLUMNS)
 
 
 def _with_negative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

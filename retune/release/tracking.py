@@ -74,6 +74,20 @@ def side_experiment(cfg: TrackingParams, suffix: str) -> str:
     return str(client.create_experiment(name, artifact_location=artifacts.as_uri()))
 
 
+def child_run(client: Any, parent_run_id: str, name: str, tags: Mapping[str, str]) -> str:
+    """A new MLflow run nested under `parent_run_id` (same experiment), named `name`, with
+    `tags`: a CV fold's or a tuning trial's. Returns its id."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    run = client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: name, **tags},
+    )
+    return str(run.info.run_id)
+
+
 # Trainer log keys -> the MLflow metric names a training's curve is logged under.
 STEP_METRICS = {
     "loss": "train_loss",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retune.online.drift import ACTED_TAG, CHECKS, EXPERIMENT_SUFFIX, STATUS_TAG
+from retune.release.registry import PRODUCTION
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from retune.config import Params
     from retune.release.registry import Event, Registry
 
-PRODUCTION = "production"
 # Bucket widths a time plot may use, finest first; the finest that gives at most
 # `monitor.points` buckets over the shown span is used.
 BUCKETS = (

@@ -233,6 +233,10 @@ class TrainParams:
     # bf16 autocast (weights and optimizer stay fp32): "auto" takes it where matmuls run natively
     # in bf16 (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # Data-parallel processes for the train stage (retune.model.distributed): n, or "auto" (one
+    # per GPU where CUDA is available, else 1). per_device_train_batch_size is per process, so
+    # a step sees n times its blocks.
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.num_train_epochs is None):

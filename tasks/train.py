@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from retune import artifacts
 from retune.artifacts import (
@@ -24,17 +24,14 @@ from retune.artifacts import (
 )
 from retune.config import Params
 from retune.entry import stage_main, stage_task
+from retune.errors import RetuneError
 from retune.masking import safe_params
+from retune.model import distributed
 from retune.model.adapters import ADAPTER_DIR
 from retune.model.base import PROVENANCE
 from retune.model.checkpoints import checkpoint_step, file_sha256
 from retune.model.training import History, TrainResult, train
 from retune.release.tracking import STEP_METRICS, setup_tracking, step_metrics_callback
-
-if TYPE_CHECKING:
-    pass
-
-# Trainer log key -> MLflow metric name, logged with the optimizer step.
 
 
 def _log_history(history: History, up_to: int) -> None:
@@ -111,8 +108,9 @@ def run(params: Params) -> TrainResult:
     write reports/train.json (with the run id) and reports/train_loss.csv."""
     import mlflow
 
-    paths = params.paths
-    train_file, holdout_file = TRAIN_SPLIT.require(params), HOLDOUT_SPLIT.path(params)
+    # Both files now, before any process starts: a rank would fail on either one.
+    train_file = TRAIN_SPLIT.require(params)
+    HOLDOUT_SPLIT.require(params)
     data_version = artifacts.data_version(CLEAN_MANIFEST, params)
     train_sha = file_sha256(train_file)
 
@@ -126,20 +124,18 @@ def run(params: Params) -> TrainResult:
         for facts in (INGEST_REPORT, VALIDATE_REPORT):
             if facts.path(params).is_file():
                 mlflow.log_artifact(str(facts.path(params)), artifact_path="reports")
-        result = train(
-            params.train,
-            params.seed,
-            train_file,
-            holdout_file,
-            SFT_MODEL.path(params),
-            paths.checkpoints,
-            callbacks=[step_metrics_callback(STEP_METRICS)],
-        )
+        processes = distributed.resolve_processes(params.train.processes)
+        if processes == 1:
+            result = _train_rank(params, active.info.run_id)
+        else:
+            run_id = active.info.run_id
+            result = _agreed(distributed.launch(_train_rank, (params, run_id), processes, "train"))
         final = {
             "train_runtime_s": result.runtime_s,
             "tokens_per_s": result.tokens_per_s,
             "tokens_seen": float(result.tokens_seen),
             "n_params": float(result.n_params),
+            "processes": float(result.processes),
         }
         trained, ending = trained_facts(params, result), ending_facts(result)
         final.update(
@@ -174,6 +170,8 @@ def run(params: Params) -> TrainResult:
                 "n_params": result.n_params,
                 "runtime_s": result.runtime_s,
                 "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+                "processes": result.processes,
+                "weights_sha256": result.weights_sha256,  # with processes > 1: every rank's
                 **ending,
                 **trained,
             },
@@ -182,6 +180,38 @@ def run(params: Params) -> TrainResult:
         for path in (report, curve):
             mlflow.log_artifact(str(path), artifact_path="reports")
     return result
+
+
+def _train_rank(params: Params, run_id: str) -> TrainResult:
+    """Train on the split: the whole stage's training in one process, or one rank's part of a
+    data-parallel run (`distributed.launch`), where rank 0 logs the step metrics into the
+    pipeline's run `run_id`, opened by the launching process."""
+    callbacks = []
+    if distributed.is_main():
+        if distributed.world_size() > 1:  # a spawned rank: MLflow is not set up here yet
+            setup_tracking(params.tracking)
+        callbacks.append(step_metrics_callback(STEP_METRICS, run_id=run_id))
+    return train(
+        params.train,
+        params.seed,
+        TRAIN_SPLIT.path(params),
+        HOLDOUT_SPLIT.path(params),
+        SFT_MODEL.path(params),
+        params.paths.checkpoints,
+        callbacks=callbacks,
+    )
+
+
+def _agreed(ranks: list[TrainResult]) -> TrainResult:
+    """Rank 0's result, once every rank is found to hold the same weights as rank 0 saved."""
+    digests = [r.weights_sha256 for r in ranks]
+    if len(set(digests)) > 1:
+        raise RetuneError(
+            f"train: the {len(ranks)} ranks ended with different weights ({digests}); the "
+            "model was saved from rank 0 but is not what the others trained. Rerun with "
+            "train.processes=1 and report this"
+        )
+    return ranks[0]
 
 
 train_task = stage_task(run, name="train")

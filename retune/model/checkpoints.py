@@ -14,7 +14,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 TOKENIZER_DIR = "tokenizer"
 
-DATA_CACHE = "data-cache"
+DATA_CACHE = "data-cache"  # one per rank of a data-parallel run: data-cache-rank<r>
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -67,8 +67,8 @@ def clear_checkpoints(checkpoint_dir: Path) -> None:
     if not checkpoint_dir.is_dir():
         return
     for child in checkpoint_dir.iterdir():
-        ours = child.name in (FINGERPRINT_FILE, TOKENIZER_DIR, DATA_CACHE) or (
-            child.is_dir() and child.name.startswith(("checkpoint-", "tmp-checkpoint-"))
+        ours = child.name in (FINGERPRINT_FILE, TOKENIZER_DIR) or (
+            child.is_dir() and child.name.startswith(("checkpoint-", "tmp-checkpoint-", DATA_CACHE))
         )
         if ours:
             shutil.rmtree(child) if child.is_dir() else child.unlink()

@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -22,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 from retune.config import TrainParams
 from retune.data.records import iter_messages, read_records
 from retune.errors import BaseModelError, RetuneError
-from retune.model import adapters, checkpoints, masks, packing
+from retune.model import adapters, checkpoints, distributed, masks, packing
 from retune.model.checkpoints import (
     DATA_CACHE,
     TOKENIZER_DIR,
     file_sha256,
     prepare_checkpoints,
 )
+from retune.model.distributed import available_cores
 from retune.model.modeling import load_pretrained, scratch_model, train_chat_tokenizer
 from retune.model.packing import collate, pack, target_share
 
@@ -57,6 +57,9 @@ class TrainResult:
     precision: str = "fp32"  # "bf16" when trained under bf16 autocast (`resolve_precision`)
     trainable: adapters.Trainable | None = None  # what trained: all weights or an adapter
     ending: Ending | None = None  # how the schedule ended: the planned steps, early stopping
+    processes: int = 1  # data-parallel ranks that trained it (train.processes)
+    # With several processes: this rank's weights at the end (`distributed.weights_digest`).
+    weights_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,10 @@ def train(
     (resuming from the last checkpoint when they belong to the same inputs and `cfg.resume`),
     and the final model + tokenizer (with its chat template) to `model_dir`. `num_threads`
     caps torch's CPU threads (default: every core this process may use).
+
+    Inside a data-parallel run (`distributed.launch`) every rank calls this: the batch of a
+    step is `per_device_train_batch_size` on each rank, and rank 0 alone clears or resumes
+    checkpoints, trains the scratch tokenizer first and saves the model.
     """
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
@@ -116,11 +123,14 @@ def train(
     # a resumed adapter (which trains those rows only) meets the base it was trained on.
     set_seed(seed)
     base = None if cfg.base_model == "scratch" else _pretrained_base(cfg)
-    resume_from = prepare_checkpoints(
-        checkpoint_dir, training_fingerprint(cfg, seed, train_file), cfg.resume
+    world = distributed.world_size()
+    resume_from = distributed.broadcast(
+        prepare_checkpoints(checkpoint_dir, training_fingerprint(cfg, seed, train_file), cfg.resume)
+        if distributed.is_main()
+        else None
     )
     tokens_per_step = (
-        cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_len
+        cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_len * world
     )
     gpu = torch.cuda.is_available()
     precision = resolve_precision(cfg.precision, "cuda" if gpu else "cpu")
@@ -134,10 +144,13 @@ def train(
         datasets.disable_progress_bars()
 
     set_seed(seed)  # the scratch model's initial weights come from this seed
-    model, tokenizer = base or _scratch_base(cfg, train_file, checkpoint_dir)
+    model, tokenizer = base or distributed.main_first(
+        lambda: _scratch_base(cfg, train_file, checkpoint_dir)
+    )
     n_params, architecture = sum(p.numel() for p in model.parameters()), type(model).__name__
     model, trainable = _trainable(model, tokenizer, cfg)
-    cache = checkpoint_dir / DATA_CACHE
+    rank_cache = f"{DATA_CACHE}-rank{distributed.rank()}"
+    cache = checkpoint_dir / (DATA_CACHE if world == 1 else rank_cache)
     shutil.rmtree(cache, ignore_errors=True)
     try:
         train_blocks = pack(train_file, tokenizer, cfg.max_seq_len, cache, loss_on=cfg.loss_on)
@@ -198,7 +211,9 @@ def train(
         ending = Ending.of(
             dataclasses.asdict(trainer.state), cfg.early_stopping_patience is not None
         )
-        save_model(trainer.model, tokenizer, model_dir)
+        digest = distributed.weights_digest(trainer.model) if world > 1 else None
+        if distributed.is_main():
+            save_model(trainer.model, tokenizer, model_dir)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -217,6 +232,7 @@ def train(
         precision=precision,
         trainable=trainable,
         ending=ending,
+        weights_sha256=digest,
     )
 
 
@@ -279,6 +295,17 @@ def _training_args(
         dataloader_num_workers=0,
         dataloader_pin_memory=gpu,
         disable_tqdm=not sys.stdout.isatty(),
+        # Several processes (`distributed.launch`): every parameter takes part in each step,
+        # and ranks but 0 stay quiet (the Trainer sets their log level from this).
+        **(
+            {
+                "ddp_backend": distributed.backend(),
+                "ddp_find_unused_parameters": False,
+                "log_level_replica": "error",
+            }
+            if distributed.world_size() > 1
+            else {}
+        ),
     )
 
 
@@ -336,7 +363,8 @@ def _finished(
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # the Trainer saved it alongside
         n_params = sum(p.numel() for p in model.parameters())
         trainable = adapters.full(model)
-    save_model(model, tokenizer, model_dir)
+    if distributed.is_main():
+        save_model(model, tokenizer, model_dir)
     return _result(
         model_dir,
         loss_history(state["log_history"]),
@@ -367,6 +395,7 @@ def _result(
     precision: str = "fp32",
     trainable: adapters.Trainable | None = None,
     ending: Ending | None = None,
+    weights_sha256: str | None = None,
 ) -> TrainResult:
     losses = [loss for _, loss, _ in history if loss is not None]
     evals = [ev for _, _, ev in history if ev is not None]
@@ -384,6 +413,8 @@ def _result(
         precision=precision,
         trainable=trainable,
         ending=ending,
+        processes=distributed.world_size(),
+        weights_sha256=weights_sha256,
     )
     eval_text = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
     print(
@@ -415,13 +446,6 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if any(check is not None and check() for check in native) else "fp32"
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    # torch sizes its thread pool from the machine's cores; in a container pinned to fewer
-    # (cpuset), the extra threads fight over the allowed cores and a CPU run slows down badly.
-    return max(1, len(os.sched_getaffinity(0)))
-
-
 def training_fingerprint(cfg: TrainParams, seed: int, train_file: Path) -> str:
     """Hash of what decides the trained weights: train settings, seed, the train data, the
     code that renders and trains (so a fix to it retrains rather than reusing a checkpoint),
@@ -436,6 +460,8 @@ def training_fingerprint(cfg: TrainParams, seed: int, train_file: Path) -> str:
     from retune.model import chat, modeling
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+    # The ranks that train it (a step's batch is each rank's): "auto" may mean different counts.
+    settings["processes"] = distributed.world_size()
     this = sys.modules[__name__]
     # By file name: the hash follows the code, wherever the module is imported from.
     code = {

@@ -97,9 +97,9 @@ STEP_METRICS = {
 }
 
 
-def step_metrics_callback(names: Mapping[str, str]) -> Any:
+def step_metrics_callback(names: Mapping[str, str], run_id: str | None = None) -> Any:
     """A Trainer callback that logs each `names` key of the Trainer's logs into the active
-    MLflow run, as its mapped name, by step."""
+    MLflow run (or the run `run_id`, from another process), as its mapped name, by step."""
     import mlflow
     from transformers import TrainerCallback
 
@@ -110,6 +110,6 @@ def step_metrics_callback(names: Mapping[str, str]) -> Any:
             logs = logs or {}
             metrics = {name: float(logs[key]) for key, name in names.items() if key in logs}
             if metrics:
-                mlflow.log_metrics(metrics, step=state.global_step)
+                mlflow.log_metrics(metrics, step=state.global_step, run_id=run_id)
 
     return MlflowMetrics()

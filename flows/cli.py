@@ -278,15 +278,38 @@ def rollback(
 
 
 @app.command()
-def deploy(overrides: Overrides = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+def deploy(
+    overrides: Overrides = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Register the deployments on this Prefect work pool (made as a process pool "
+            "if missing) for its workers to run, instead of running them here",
+            show_default=False,
+        ),
+    ] = None,
+    working_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --pool: the folder a run starts in on the worker's machine (default: "
+            "this one); the params file is read relative to it",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Serve the retrain, data-check and drift-check deployments (Prefect server needed).
 
     Registers them (crons from params.schedule, retrain on drift events) with the Prefect
-    server at PREFECT_API_URL and runs their flow runs here until Ctrl-C."""
+    server at PREFECT_API_URL and runs their flow runs here until Ctrl-C; with --pool, on
+    that work pool's workers (`prefect worker start --pool NAME`)."""
     resolved = _guarded(_params, params, overrides)
-    from flows.deploy import serve_deployments
+    from flows.deploy import deploy_to_pool, serve_deployments
 
-    _guarded(serve_deployments, params, resolved, list(overrides or []))
+    if pool is None:
+        _guarded(serve_deployments, params, resolved, list(overrides or []))
+    else:
+        _guarded(deploy_to_pool, params, resolved, list(overrides or []), pool, working_dir)
 
 
 @app.command()

@@ -1,7 +1,9 @@
 """retune's Prefect deployments: `retrain` (cron + drift trigger), `data-check` and `drift-check`.
 
 Entered by `retune deploy` (`make deploy`): registers them with the server at PREFECT_API_URL
-(visible in its UI) and runs their flow runs from this process with `prefect.serve`.
+(visible in its UI) and runs their flow runs from this process with `prefect.serve`; or, with
+`--pool NAME`, registers them on a work pool whose workers (`prefect worker start --pool NAME`,
+on this machine or another) run them.
 """
 
 from __future__ import annotations
@@ -78,13 +80,18 @@ def _deployment(flow: Flow[..., Any], name: str, **options: Any) -> RunnerDeploy
 
 
 def build_deployments(
-    params_file: Path, params: Params, overrides: list[str] | None = None
+    params_file: Path,
+    params: Params,
+    overrides: list[str] | None = None,
+    job_variables: dict[str, Any] | None = None,
 ) -> list[RunnerDeployment]:
     """The deployments, with `params.schedule`'s crons, the drift trigger and retrain's
-    concurrency limit; their runs get `params_file` (made absolute) and `overrides`.
+    concurrency limit; their runs get `params_file` (absolute, unless it is relative to a
+    work pool's `working_dir` in `job_variables`) and `overrides`.
 
-    Runs execute in the directory `retune deploy` was started in, so the relative paths in
-    params.yaml resolve as they do for `retune run`.
+    Served, runs execute in the directory `retune deploy` was started in; on a work pool, in
+    `job_variables["working_dir"]`: the relative paths in params.yaml resolve as they do for
+    `retune run` there.
     """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
@@ -93,9 +100,10 @@ def build_deployments(
     from flows.retrain import retrain
 
     run_params: dict[str, Any] = {
-        "params_file": str(params_file.resolve()),
+        "params_file": str(params_file if job_variables else params_file.resolve()),
         "overrides": list(overrides or []),
     }
+    options: dict[str, Any] = {"job_variables": job_variables} if job_variables else {}
     model = params.register.model_name
     drift_trigger = DeploymentEventTrigger(
         name=f"retrain {model} on drift",
@@ -126,6 +134,7 @@ def build_deployments(
             # Feedback first: a retrain after drift learns from users' corrections.
             parameters={**run_params, "export_feedback": True},
             description=f"Retrain and gate {model}: on its cron, on drift, on new data.",
+            **options,
         ),
         _deployment(
             data_check,
@@ -134,6 +143,7 @@ def build_deployments(
             concurrency_limit=skip_overlap,
             parameters={**run_params, "retrain_deployment": RETRAIN_DEPLOYMENT},
             description="Start retrain when the content of paths.incoming changed.",
+            **options,
         ),
     ]
     drift_check = _drift_check_flow()
@@ -146,6 +156,7 @@ def build_deployments(
                 concurrency_limit=skip_overlap,
                 parameters=run_params,
                 description=f"Test logged feedback for drift; on drift, emit {DRIFT_EVENT}.",
+                **options,
             )
         )
     return deployments
@@ -185,3 +196,55 @@ def serve_deployments(params_file: Path, params: Params, overrides: list[str] | 
     names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
     print(f"serving {names} on {url}; UI: {url.removesuffix('/api')}", flush=True)
     serve(*deployments, print_starting_message=False)
+
+
+def deploy_to_pool(
+    params_file: Path,
+    params: Params,
+    overrides: list[str] | None,
+    pool: str,
+    working_dir: Path | None = None,
+) -> list[str]:
+    """Register the deployments on the work pool `pool` (made as a `process` pool when none
+    has that name) and return their names; this process then exits, and the pool's workers
+    run the flow runs.
+
+    A run starts in `working_dir` (default: this directory) on the worker's machine, with the
+    worker's environment, and reads `params_file` there: given relative to `working_dir`, the
+    same checkout can live at another path on another machine.
+    """
+    from prefect import deploy, get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    where = (working_dir or Path.cwd()).resolve()
+    file = params_file.resolve()
+    relative = file.relative_to(where) if file.is_relative_to(where) else file
+    build_deployments(params_file, params, overrides)  # bad crons fail before the server
+    url = api_url()
+    with get_client(sync_client=True) as client:
+        try:
+            kind = client.read_work_pool(pool).type
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            kind = "process"
+            print(f"made the process work pool {pool!r}", flush=True)
+    # A process worker otherwise starts each run in a fresh temporary folder.
+    job_variables = {"working_dir": str(where)} if kind == "process" else {}
+    deployments = build_deployments(relative, params, overrides, job_variables or None)
+    deploy(
+        *deployments,
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+        ignore_warnings=True,
+    )
+    names = [f"{d.flow_name}/{d.name}" for d in deployments]
+    print(
+        f"deployed {', '.join(names)} to the {kind} work pool {pool!r} on {url}; runs start "
+        f"in {where}. Start a worker (here or on another machine, see README "
+        f"'Run retraining on workers'):\n  prefect worker start --pool {pool} --type {kind}",
+        flush=True,
+    )
+    return names

@@ -357,3 +357,64 @@ def test_drift_event_runs_retrain_and_a_second_one_queues_behind_it(
     assert second_start >= first_end, "two retrains ran at once"
     # Two drift events about this model, two runs; the other model's event started none.
     assert len(runs_of(RETRAIN_DEPLOYMENT, True)) == 2
+
+
+@pytest.mark.slow
+def test_deployments_on_a_work_pool_run_on_a_real_process_worker(
+    server: dict[str, str], tmp_path: Path
+) -> None:
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    from retune.online.events import DRIFT_CHECK_DEPLOYMENT
+
+    params, params_file = write_params(tmp_path / "project")
+    project, pool = params_file.parent, "retune-test-pool"
+    done = subprocess.run(
+        [str(BIN / "retune"), "deploy", "--pool", pool, "--params", "params.yaml"],
+        env=server,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    # It registers and returns: the pool's workers run the flows, not this command.
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"prefect worker start --pool {pool} --type process" in done.stdout
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool(pool).type == "process"  # made, as none existed
+        for name in (RETRAIN_DEPLOYMENT, DRIFT_CHECK_DEPLOYMENT):
+            deployment = client.read_deployment_by_name(name)
+            assert deployment.work_pool_name == pool
+            # Runs start in the project, and read the params relative to it.
+            assert deployment.job_variables == {"working_dir": str(project)}
+            assert deployment.parameters["params_file"] == "params.yaml"
+        retrain = client.read_deployment_by_name(RETRAIN_DEPLOYMENT)
+        assert [s.schedule.cron for s in retrain.schedules] == ["0 0 1 1 *"]  # type: ignore[union-attr]
+
+    # A worker started elsewhere, as on another machine with the same checkout.
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+        env={**server, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        cwd=elsewhere,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        run = run_deployment(DRIFT_CHECK_DEPLOYMENT, timeout=0)
+        state = wait_for("the worker to run drift-check", lambda: final_state(run.id), 300)
+        output = (tmp_path / "worker.log").read_text()
+        assert state.is_completed(), output[-3000:]
+        ran = read_run(run.id)
+        assert ran.work_pool_name == pool and ran.infrastructure_pid  # a worker's subprocess
+        assert "Worker" in output and str(run.id) in output
+        # It did the drift check of these params, in the project folder.
+        assert json.loads((params.paths.reports / "drift.json").read_text())["status"]
+        assert not any(elsewhere.iterdir())
+    finally:
+        stop(worker)
+        log.close()

@@ -129,6 +129,8 @@ def test_scaleout_smoke_times_folds_on_each_runner_and_a_search(tmp_path: Path) 
     assert scaleout.main(["--smoke", "--trials", "3", "--out", str(tmp_path)]) == 0
     assert Path.cwd() == cwd  # it worked in a scratch folder, and came back
     rows = rows_of(tmp_path, "scaleout")
+    assert rows["ddp_1_tokens_per_s"]["value"] > 0 and rows["ddp_2_tokens_per_s"]["value"] > 0
+    assert rows["ddp_2_speedup"]["value"] > 0
     assert rows["cv_sequential_wall"]["value"] > 0 and rows["cv_process_wall"]["value"] > 0
     assert rows["cv_process_perplexity_diff"]["value"] < 0.1  # percent
     assert rows["tune_trials"]["value"] == 3

@@ -20,6 +20,7 @@ from retune import artifacts
 from retune.artifacts import (
     CLEAN_MANIFEST,
     EVALUATE_REPORT,
+    INCOMING,
     INGEST_REPORT,
     MODEL,
     MODEL_CARD,
@@ -29,6 +30,7 @@ from retune.artifacts import (
     require_pipeline_run_id,
 )
 from retune.config import Params, RegisterParams, TrackingParams
+from retune.data.snapshot import INCOMING_DVC_TAG, push
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
@@ -56,6 +58,7 @@ class ModelFacts:
     params: dict[str, str]  # every setting, flattened (`train.max_steps`), secrets masked
     git: GitState
     data_version: str | None = None
+    incoming_dvc: str | None = None  # the inputs' DVC data version (ingest kept it)
     data_counts: dict[str, int] = field(default_factory=dict)  # records, train, holdout, ...
     metrics: dict[str, float] = field(default_factory=dict)  # evaluate.json numbers
     train_stats: dict[str, float] = field(default_factory=dict)  # train.json numbers
@@ -301,6 +304,7 @@ def version_tags(facts: ModelFacts) -> dict[str, str]:
         "git_commit": facts.git.commit_tag,
         "git_dirty": facts.git.dirty_tag,
         "data_version": facts.data_version or "unknown",
+        INCOMING_DVC_TAG: facts.incoming_dvc or "unknown",
         "evaluated": str(facts.evaluated).lower(),
     }
     tags.update({k: repr(float(v)) for k, v in {**facts.metrics, **facts.train_stats}.items()})
@@ -521,10 +525,11 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
             flush=True,
         )
     manifest = CLEAN_MANIFEST.read_if_present(params) or {}
+    ingested = INGEST_REPORT.read_if_present(params) or {}
     counts: dict[str, int] = {}
     for report in (
         manifest,
-        INGEST_REPORT.read_if_present(params) or {},
+        ingested,
         SPLIT_REPORT.read_if_present(params) or {},
     ):
         counts.update(
@@ -545,6 +550,7 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
         params=safe_params(params),
         git=git,
         data_version=data_version,
+        incoming_dvc=(ingested.get("incoming_dvc") or {}).get("md5"),
         data_counts=counts,
         # Timings are about the run, not the model.
         metrics={k: v for k, v in _numbers(evaluation or {}).items() if k != "score_s"},
@@ -554,10 +560,26 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
     )
 
 
+def push_inputs(params: Params, md5: str | None) -> str:
+    """Send the inputs' data version to the project's default DVC remote, if it has one, so
+    the version can be reproduced on another machine. A failure is a warning: the model is
+    registered already, and `dvc push` can send the data later."""
+    if md5 is None:
+        return "not pushed: ingest kept no data version"
+    try:
+        done = push(INCOMING.path(params), md5)
+    except RetuneError as exc:
+        print(f"register: warning: {exc}", flush=True)
+        return f"failed: {exc}"
+    print(f"register: inputs {md5}: {done}", flush=True)
+    return done
+
+
 def run(params: Params) -> RegisterResult:
     """Edge: gather the reports, register the model, write reports/register.json and the card."""
     facts = gather_facts(params, git_state())
     result = register(params.register, params.tracking, MODEL.path(params), facts)
+    pushed = push_inputs(params, facts.incoming_dvc)
     REGISTER_REPORT.write(
         params,
         {
@@ -567,6 +589,8 @@ def run(params: Params) -> RegisterResult:
             "model_uri": result.model_uri,
             "data_version": result.data_version,
             "git_commit": result.git_commit,
+            INCOMING_DVC_TAG: facts.incoming_dvc,
+            "data_pushed": pushed,
         },
     )
     MODEL_CARD.path(params).write_text(result.model_card, encoding="utf-8")

@@ -23,6 +23,7 @@ from retune.artifacts import (
     VALIDATE_REPORT,
 )
 from retune.config import Params
+from retune.data.snapshot import INCOMING_DVC_TAG
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
@@ -31,6 +32,7 @@ from retune.model.adapters import ADAPTER_DIR
 from retune.model.base import PROVENANCE
 from retune.model.checkpoints import checkpoint_step, file_sha256
 from retune.model.training import History, TrainResult, train
+from retune.release.gitinfo import git_state
 from retune.release.tracking import STEP_METRICS, setup_tracking, step_metrics_callback
 
 
@@ -103,6 +105,18 @@ def ending_facts(result: TrainResult) -> dict[str, Any]:
     }
 
 
+def provenance_tags(params: Params) -> dict[str, str]:
+    """What `retune reproduce` rebuilds the run from: the code's commit (and whether the tree
+    had changes) and the inputs' DVC data version that ingest kept."""
+    git = git_state()
+    tags = {"git_commit": git.commit_tag, "git_dirty": git.dirty_tag}
+    ingested = INGEST_REPORT.read_if_present(params) or {}
+    incoming = ingested.get("incoming_dvc") or {}
+    if incoming.get("md5"):
+        tags[INCOMING_DVC_TAG] = str(incoming["md5"])
+    return tags
+
+
 def run(params: Params) -> TrainResult:
     """Edge: start the pipeline's MLflow run, train on the split, save to `paths.sft`, and
     write reports/train.json (with the run id) and reports/train_loss.csv."""
@@ -120,6 +134,7 @@ def run(params: Params) -> TrainResult:
         mlflow.set_tags(
             {"retune.stage": "train", "train_file_sha256": train_sha}
             | ({"data_version": data_version} if data_version else {})
+            | provenance_tags(params)
         )
         for facts in (INGEST_REPORT, VALIDATE_REPORT):
             if facts.path(params).is_file():

@@ -306,5 +306,10 @@ def test_git_state_reports_commit_and_dirtiness(tmp_path: Path) -> None:
     git("add", "a.txt")
     git("commit", "-q", "-m", "first")
     assert git_state(tmp_path) == GitState(commit=git("rev-parse", "HEAD"), dirty=False)
+    # A data pointer that moved (`dvc add`, a run's dvc.lock) leaves the code clean.
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "incoming.dvc").write_text("outs: []")
+    assert git_state(tmp_path).dirty is False
     (tmp_path / "b.txt").write_text("new module")
     assert git_state(tmp_path).dirty is True

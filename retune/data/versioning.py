@@ -8,12 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def _dvc_root(path: Path) -> Path | None:
-    for folder in [path, *path.parents]:
-        if (folder / ".dvc").is_dir():
-            return folder
-    return None
+from retune.data.snapshot import dvc_root
 
 
 def _dvc_executable() -> str | None:
@@ -26,7 +21,7 @@ def dvc_add(folder: Path, stage: str) -> tuple[str, str | None]:
     wrote there becomes a new data version. Returns (what happened, the user's next step)."""
     resolved = folder.resolve()
     pointer = resolved.with_name(resolved.name + ".dvc")
-    root = _dvc_root(resolved.parent)
+    root = dvc_root(resolved.parent)
     if root is None:
         return f"skipped: {folder} is not in a DVC repository", None
     if not pointer.exists():

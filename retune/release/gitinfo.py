@@ -1,6 +1,7 @@
 """The code version a model came from: git commit and whether the working tree had changes.
 
-`register` records both on the registry version; outside a git checkout both are unknown.
+`train` tags both on the pipeline's run, `register` on the registry version; outside a git
+checkout both are unknown.
 """
 
 from __future__ import annotations
@@ -34,11 +35,19 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _data_pointer(name: str) -> bool:
+    path = name.split(" -> ")[-1].strip('"')
+    return path.endswith(".dvc") or path.rsplit("/", 1)[-1] == "dvc.lock"
+
+
 def git_state(cwd: Path | None = None) -> GitState:
     """Commit and dirtiness of the git checkout containing `cwd` (default: the current folder)."""
     where = cwd or Path.cwd()
     commit = _git(["rev-parse", "--verify", "--quiet", "HEAD"], where)
-    status = _git(["status", "--porcelain"], where)
+    status = _git(["status", "--porcelain", "--untracked-files=all"], where)
     # Untracked files count: a new module that is not committed changes what the code does.
-    dirty = None if status is None else bool(status)
+    # DVC's pointers (`*.dvc`, dvc.lock) do not: they move with the data, whose version each
+    # run records by its hash, and a run itself updates dvc.lock.
+    changed = [] if status is None else [line[3:] for line in status.splitlines()]
+    dirty = None if status is None else any(not _data_pointer(name) for name in changed)
     return GitState(commit=commit or None, dirty=dirty)

@@ -43,7 +43,7 @@ from retune.data.sink import ALL_REASONS, Sink
 from retune.data.sink import CONTRACT_REASONS as CONTRACT_REASONS  # the vocabularies, from here too
 from retune.data.sink import READ_REASONS as READ_REASONS
 from retune.data.sink import REASONS as REASONS
-from retune.data.snapshot import snapshot
+from retune.data.snapshot import INCOMING_DVC_TAG, snapshot
 from retune.data.tables import csv_header, layout, parquet_columns, read_table
 from retune.data.text import normalize_text as normalize_text  # what tests and callers import
 from retune.entry import stage_main, stage_task
@@ -357,7 +357,7 @@ def run(params: Params) -> IngestResult:
         QUARANTINE.path(params),
         contract,
     )
-    INGEST_REPORT.write(params, {**result.report, "incoming_dvc": snapshot_incoming(params)})
+    INGEST_REPORT.write(params, {**result.report, INCOMING_DVC_TAG: snapshot_incoming(params)})
     return result
 
 

@@ -30,7 +30,7 @@ from retune.artifacts import (
     require_pipeline_run_id,
 )
 from retune.config import Params, RegisterParams, TrackingParams
-from retune.data.snapshot import INCOMING_DVC_TAG, push
+from retune.data.snapshot import INCOMING_DVC_TAG, push, recorded
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
@@ -550,7 +550,7 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
         params=safe_params(params),
         git=git,
         data_version=data_version,
-        incoming_dvc=(ingested.get("incoming_dvc") or {}).get("md5"),
+        incoming_dvc=recorded(ingested),
         data_counts=counts,
         # Timings are about the run, not the model.
         metrics={k: v for k, v in _numbers(evaluation or {}).items() if k != "score_s"},

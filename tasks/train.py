@@ -23,7 +23,7 @@ from retune.artifacts import (
     VALIDATE_REPORT,
 )
 from retune.config import Params
-from retune.data.snapshot import INCOMING_DVC_TAG
+from retune.data.snapshot import INCOMING_DVC_TAG, recorded
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
@@ -110,11 +110,8 @@ def provenance_tags(params: Params) -> dict[str, str]:
     had changes) and the inputs' DVC data version that ingest kept."""
     git = git_state()
     tags = {"git_commit": git.commit_tag, "git_dirty": git.dirty_tag}
-    ingested = INGEST_REPORT.read_if_present(params) or {}
-    incoming = ingested.get("incoming_dvc") or {}
-    if incoming.get("md5"):
-        tags[INCOMING_DVC_TAG] = str(incoming["md5"])
-    return tags
+    incoming = recorded(INGEST_REPORT.read_if_present(params) or {})
+    return tags | ({INCOMING_DVC_TAG: incoming} if incoming else {})
 
 
 def run(params: Params) -> TrainResult:

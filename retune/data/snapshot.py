@@ -34,6 +34,12 @@ class Snapshot:
         return {"md5": self.md5, "nfiles": self.nfiles, "size": self.size}
 
 
+def recorded(ingest_report: dict[str, Any]) -> str | None:
+    """The inputs' DVC data version that ingest recorded in its report, if it kept one."""
+    md5 = (ingest_report.get(INCOMING_DVC_TAG) or {}).get("md5")
+    return str(md5) if md5 else None
+
+
 def dvc_root(path: Path) -> Path | None:
     """The DVC repository (the folder holding `.dvc/`) that `path` is in, or None."""
     for folder in [path, *path.parents]:

@@ -67,6 +67,8 @@ def test_register_twice_makes_two_tagged_versions_with_cards(
         "model_uri": "models:/retune-test/2",
         "data_version": DATA_VERSION,
         "git_commit": git_state().commit,
+        "incoming_dvc": None,
+        "data_pushed": "not pushed: ingest kept no data version",
     }
     client = MlflowClient()
     for version in (1, 2):

@@ -291,11 +291,43 @@ def score(
     )
 
 
+# The per-holdout-example MLflow table: sort by bits_per_byte in the UI for the worst examples.
+EXAMPLES_TABLE = "holdout_examples.json"
+
+
+def holdout_examples(scores_file: Path, holdout_file: Path) -> Any:
+    """One row per scored holdout example, worst (most bits per byte) first: its conversation
+    id, the input file and line it came from, mean NLL per token (nats) and bits per byte."""
+    import pandas as pd
+
+    scores = pq.read_table(scores_file).to_pandas()
+    origin = pq.read_table(holdout_file, columns=["id", "source", "line"]).to_pandas()
+    rows = scores.merge(origin, on="id", how="left")
+    table = pd.DataFrame(
+        {
+            "conversation_id": rows["conversation_id"],
+            "source": rows["source"].fillna("?") + ":" + rows["line"].astype("Int64").astype(str),
+            "nll": rows["nll_sum"] / rows["n_tokens"].where(rows["n_tokens"] > 0),
+            "bits_per_byte": [
+                bits_per_byte(n, b) for n, b in zip(rows["nll_sum"], rows["n_bytes"], strict=True)
+            ],
+            "n_tokens": rows["n_tokens"],
+            "record_id": rows["id"],
+        }
+    )
+    return table.sort_values("bits_per_byte", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def log_to_mlflow(
-    cfg: TrackingParams, run_id: str | None, result: EvaluateResult, table_rows: int
+    cfg: TrackingParams,
+    run_id: str | None,
+    result: EvaluateResult,
+    table_rows: int,
+    examples: Any = None,
 ) -> str:
     """Add the metrics and generations to run `run_id` (a new run "evaluate" if None): the
-    first `table_rows` generations as an MLflow table, the whole CSV as an artifact."""
+    first `table_rows` generations as an MLflow table, the whole CSV as an artifact, and the
+    per-holdout-example scores (`holdout_examples`) as the table EXAMPLES_TABLE."""
     import mlflow
     import pandas as pd
     from mlflow.exceptions import MlflowException
@@ -316,6 +348,8 @@ def log_to_mlflow(
                 )
                 mlflow.log_table(data=table, artifact_file="generations.json")
             mlflow.log_artifact(str(result.generations_file))
+            if examples is not None:
+                mlflow.log_table(data=examples, artifact_file=EXAMPLES_TABLE)
             return str(active.info.run_id)
     except MlflowException as exc:
         if run_id is None:
@@ -346,8 +380,9 @@ def run(params: Params) -> EvaluateResult:
     # Compute alone (loading, scoring, generating), apart from MLflow logging: what the
     # overhead benchmark subtracts from the flow's wall time.
     score_s = round(time.perf_counter() - started, 2)
+    examples = holdout_examples(result.scores_file, HOLDOUT_SPLIT.path(params))
     run_id = log_to_mlflow(
-        params.tracking, pipeline_run_id(params), result, params.evaluate.prompts
+        params.tracking, pipeline_run_id(params), result, params.evaluate.prompts, examples
     )
     EVALUATE_REPORT.write(params, {**result.metrics(), "run_id": run_id, "score_s": score_s})
     print(

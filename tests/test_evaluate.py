@@ -18,7 +18,7 @@ from retune.errors import RetuneError
 from retune.model.metrics import NAMES, load_metric, metric_path
 from retune.model.scoring import GENERATION_COLUMNS, SCORES_SCHEMA, bits_per_byte
 from retune.reports import read_json, write_json
-from tasks.evaluate import run, unigram_counts, unigram_nll, unigram_perplexity
+from tasks.evaluate import EXAMPLES_TABLE, run, unigram_counts, unigram_nll, unigram_perplexity
 
 REPLY_KEYS = {
     "rouge_l",
@@ -182,6 +182,28 @@ def test_stage_scores_holdout_and_logs_into_the_pipeline_run(
     # The MLflow table shows the first `evaluate.prompts` replies; the CSV artifact has all.
     table = mlflow.load_table("generations.json", run_ids=[run_id])
     assert table["id"].tolist() == [r["id"] for r in rows[: params.evaluate.prompts]]
+
+    # Every scored example is in the UI's per-example table, worst first, named by its
+    # conversation and the input file and line it came from.
+    examples = mlflow.load_table(EXAMPLES_TABLE, run_ids=[run_id])
+    assert len(examples) == result.n_examples
+    assert examples["bits_per_byte"].is_monotonic_decreasing
+    origin = {
+        r["id"]: (r["conversation_id"], f"{r['source']}:{r['line']}")
+        for r in holdout.select(["id", "conversation_id", "source", "line"]).to_pylist()
+    }
+    assert {
+        rid: (cid, src)
+        for rid, cid, src in zip(
+            examples["record_id"], examples["conversation_id"], examples["source"], strict=True
+        )
+    } == {rid: origin[rid] for rid in scores.column("id").to_pylist()}
+    by_id = {r["id"]: r for r in scores.to_pylist()}
+    worst = by_id[examples["record_id"][0]]
+    assert examples["nll"][0] == pytest.approx(worst["nll_sum"] / worst["n_tokens"])
+    assert examples["bits_per_byte"][0] == pytest.approx(
+        worst["nll_sum"] / (math.log(2) * worst["n_bytes"])
+    )
 
 
 @pytest.mark.slow

@@ -435,7 +435,7 @@ def trace(
     """Show what happened to each line of one input FILE.
 
     Each line (or table conversation): kept as a record in train/holdout, quarantined by
-    ingest, removed by hygiene, moved by split.
+    ingest, removed by hygiene, moved by split; and the registered versions that trained on it.
     """
     from retune.data.lineage import summary
     from retune.data.lineage import trace as trace_file
@@ -453,10 +453,33 @@ def trace(
             err=True,
         )
         raise typer.Exit(1)
-    rows = [[str(s.line), s.outcome, s.stage, s.detail] for s in steps]
-    typer.echo(_table(["line", "outcome", "stage", "detail"], rows))
+    per_step, unknown = _trained_by(resolved, steps)
+    rows = [
+        [str(s.line), s.outcome, s.stage, ",".join(f"v{v}" for v in by) or "none", s.detail]
+        for s, by in zip(steps, per_step, strict=True)
+    ]
+    typer.echo(_table(["line", "outcome", "stage", "trained by", "detail"], rows))
     counts = ", ".join(f"{k} {v}" for k, v in summary(steps).items())
     typer.echo(f"{source}: {len(steps)} units: {counts}")
+    if unknown:
+        typer.echo(
+            "not known what " + ", ".join(f"v{v}" for v in unknown) + " trained on: registered "
+            "before versions recorded their train rows, on a train split other than this one"
+        )
+
+
+def _trained_by(resolved: Params, steps: list[Any]) -> tuple[list[list[int]], list[int]]:
+    """Which registered versions trained on each traced unit (lineage.trained_by), from the
+    train rows each version's run recorded; no versions when nothing is registered."""
+    from retune.artifacts import TRAIN_SPLIT
+    from retune.data.lineage import trained_by
+    from retune.release.registry import Registry
+
+    registry = Registry.open(resolved.tracking, resolved.register.model_name)
+    source = next((s.source for s in steps), "")
+    train_file = TRAIN_SPLIT.path(resolved)
+    ids = {v.version: registry.trained_ids(v, source, train_file) for v in registry.versions()}
+    return trained_by(steps, ids)
 
 
 def _terminated(signum: int, _frame: object) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,9 +28,16 @@ from retune.artifacts import (
     PREFERENCE_REPORT,
     REGISTER_REPORT,
     SPLIT_REPORT,
+    TRAIN_SPLIT,
     require_pipeline_run_id,
 )
 from retune.config import Params, RegisterParams, TrackingParams
+from retune.data.lineage import (
+    ROWS_PER_FILE_ARTIFACT,
+    TRAIN_ROWS_ARTIFACT,
+    rows_per_file,
+    train_rows,
+)
 from retune.data.snapshot import INCOMING_DVC_TAG, push, recorded
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
@@ -44,6 +52,8 @@ if TYPE_CHECKING:
 # a subprocess (seconds) and adds torchvision, which retune neither uses nor ships.
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors")
 EXAMPLE_PROMPT = "Hi, my router keeps disconnecting. What should I do?"
+CARD_FILES = 50  # input files the card lists with their train rows (the run's artifact has all)
+TAG_LIMIT = 5000  # characters of a registry tag value that every MLflow store accepts
 _HF_CARD_HEADER = (
     "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- retune\n---\n"
 )
@@ -69,6 +79,8 @@ class ModelFacts:
     trained: dict[str, Any] = field(default_factory=dict)
     # What the preference stage did (preference.json): tuned, method, reason, steps, ...
     preference: dict[str, Any] = field(default_factory=dict)
+    # Input file -> rows of it in the train split (lineage.rows_per_file).
+    rows_per_file: dict[str, int] = field(default_factory=dict)
 
     @property
     def evaluated(self) -> bool:
@@ -202,6 +214,16 @@ def model_card(facts: ModelFacts) -> str:
         lines += [f"- {_label(k)}: {_fmt(v)}" for k, v in facts.data_counts.items()]
     else:
         lines.append("- no data reports were found (reports/ingest.json, reports/split.json)")
+    if facts.rows_per_file:
+        lines += ["", "| input file | rows trained on |", "|---|---|"]
+        shown = list(facts.rows_per_file.items())[:CARD_FILES]
+        lines += [f"| `{name}` | {_fmt(n)} |" for name, n in shown]
+        if len(facts.rows_per_file) > CARD_FILES:
+            lines.append(
+                f"| {len(facts.rows_per_file) - CARD_FILES:,} more files | see "
+                f"`{ROWS_PER_FILE_ARTIFACT}` in the run |"
+            )
+        lines.append("")
     redact = facts.params.get("ingest.redact")
     if redact:
         lines.append(f"- personal data redacted at ingest: {redact}")
@@ -310,6 +332,11 @@ def version_tags(facts: ModelFacts) -> dict[str, str]:
     tags.update({k: repr(float(v)) for k, v in {**facts.metrics, **facts.train_stats}.items()})
     if facts.architecture.get("n_parameters") is not None:
         tags["n_parameters"] = str(facts.architecture["n_parameters"])
+    per_file = json.dumps(facts.rows_per_file, ensure_ascii=False, separators=(",", ":"))
+    if facts.rows_per_file:
+        tags["train_rows_per_file"] = (
+            per_file if len(per_file) <= TAG_LIMIT else f"see {ROWS_PER_FILE_ARTIFACT} in the run"
+        )
     tags.update({f"params.{k}": v for k, v in facts.params.items()})
     return tags
 
@@ -416,12 +443,32 @@ def _open_run(tracking: TrackingParams, run_id: str) -> Iterator[mlflow.ActiveRu
         yield run
 
 
+def log_train_rows(train_file: Path, per_file: Mapping[str, int]) -> None:
+    """Log what the active run trained on: every train row's record id, file and line
+    (TRAIN_ROWS_ARTIFACT, for `retune trace`) and the rows per input file."""
+    import tempfile
+
+    import mlflow
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(TRAIN_ROWS_ARTIFACT).name
+        pq.write_table(train_rows(train_file), path)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(TRAIN_ROWS_ARTIFACT).parent))
+    mlflow.log_dict(dict(per_file), ROWS_PER_FILE_ARTIFACT)
+
+
 def register(
-    cfg: RegisterParams, tracking: TrackingParams, model_dir: Path, facts: ModelFacts
+    cfg: RegisterParams,
+    tracking: TrackingParams,
+    model_dir: Path,
+    facts: ModelFacts,
+    train_file: Path | None = None,
 ) -> RegisterResult:
     """Log the model in `model_dir` into run `facts.run_id` with the transformers flavour,
     register it as a new version of `cfg.model_name`, tag and describe it, and log the model
-    card (`model_card/v<version>/MODEL_CARD.md` in the run, `model_card.md` in the model)."""
+    card (`model_card/v<version>/MODEL_CARD.md` in the run, `model_card.md` in the model) and
+    the rows of `train_file` it trained on (`log_train_rows`)."""
     import mlflow
     from huggingface_hub import ModelCard
     from mlflow import MlflowClient
@@ -482,6 +529,8 @@ def register(
         card = model_card(facts)
         client.update_model_version(cfg.model_name, str(version), description=description(facts))
         mlflow.log_text(card, f"model_card/v{version}/MODEL_CARD.md")
+        if train_file is not None and train_file.is_file():
+            log_train_rows(train_file, facts.rows_per_file)
 
     uri = f"models:/{cfg.model_name}/{version}"
     print(f"register: {uri} is READY", flush=True)
@@ -540,6 +589,7 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
             }
         )
     data_version = artifacts.data_version(CLEAN_MANIFEST, params)
+    train_file = TRAIN_SPLIT.path(params)
     trained = {k: train_report[k] for k in _TRAINED if k in train_report}
     # The adapter's settings are params already, the base's origin is no training figure.
     figures = {k: v for k, v in train_report.items() if k not in ("lora", "base_model")}
@@ -557,6 +607,7 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
         train_stats=train_stats,
         trained=trained,
         preference=PREFERENCE_REPORT.read_if_present(params) or {},
+        rows_per_file=rows_per_file(train_rows(train_file)) if train_file.is_file() else {},
     )
 
 
@@ -578,7 +629,9 @@ def push_inputs(params: Params, md5: str | None) -> str:
 def run(params: Params) -> RegisterResult:
     """Edge: gather the reports, register the model, write reports/register.json and the card."""
     facts = gather_facts(params, git_state())
-    result = register(params.register, params.tracking, MODEL.path(params), facts)
+    result = register(
+        params.register, params.tracking, MODEL.path(params), facts, TRAIN_SPLIT.path(params)
+    )
     pushed = push_inputs(params, facts.incoming_dvc)
     REGISTER_REPORT.write(
         params,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -175,6 +176,31 @@ def test_run_writes_the_report_and_the_representation_chart(tiny_params: Params)
     assert (tiny_params.paths.reports / "hygiene.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _register_trained(params: Params, left_out: list[str | None] | None, train_sha: str) -> None:
+    """A new registered version whose run trained on the train split less the `left_out`
+    records (logged as register logs them); None: it logged no train rows."""
+    import mlflow
+    import pyarrow.compute as pc
+
+    from retune.release.tracking import setup_tracking
+    from tasks.register import log_train_rows
+
+    setup_tracking(params.tracking)
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(tags={"train_file_sha256": train_sha}) as active:
+        if left_out is not None:
+            table = pq.read_table(params.paths.split / "train.parquet")
+            keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(left_out, type=pa.string())))
+            kept = params.paths.reports.parent / "trained.parquet"
+            pq.write_table(table.filter(keep), kept)
+            log_train_rows(kept, {})
+    name = params.register.model_name
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+    run_id = active.info.run_id
+    client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+
+
 def test_each_line_of_a_file_is_traced_to_where_it_went(tiny_params: Params) -> None:
     """ingest -> hygiene -> split, then `retune trace`: every line of the input file is named
     once, with what happened to it."""
@@ -222,6 +248,28 @@ def test_each_line_of_a_file_is_traced_to_where_it_went(tiny_params: Params) -> 
     assert out.exit_code == 0, out.output
     assert "malformed_json" in out.output and "near_duplicate" in out.output
     assert "chats.jsonl: 25 units:" in out.output
+    assert "trained by" in out.output and "not known what" not in out.output  # none registered
+
+    # Registered versions: v1 trained on every train line but one, v2 on all of them, v3 was
+    # registered before versions recorded their rows (and on another split).
+    first_train = next(s for s in kept if s.outcome == "train")
+    _register_trained(tiny_params, [first_train.record_id], "0" * 64)
+    _register_trained(tiny_params, [], "0" * 64)
+    _register_trained(tiny_params, None, "0" * 64)
+    out = CliRunner().invoke(app, ["trace", "chats.jsonl", "--params", str(params_file)])
+    assert out.exit_code == 0, out.output
+    trained = {}
+    for row in out.output.splitlines():
+        cells = [c.strip() for c in row.split("|")] if "|" in row else row.split()
+        if cells and cells[0].isdigit():
+            trained[int(cells[0])] = cells[3]
+    assert set(trained) == set(by_line)
+    for s in steps:
+        expected = {"train": "v2,v1", "holdout": "none"}.get(s.outcome, "none")
+        if s.line == first_train.line:
+            expected = "v2"
+        assert trained[s.line] == expected, (s, out.output)
+    assert "not known what v3 trained on" in out.output
     missing = CliRunner().invoke(app, ["trace", "nope.csv", "--params", str(params_file)])
     assert missing.exit_code == 1 and "no record or log entry comes from 'nope.csv'" in (
         missing.output

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from retune.config import Params
@@ -21,6 +23,7 @@ from tasks.register import ModelFacts, model_card, run, version_tags
 from tests.helpers import run_in_fresh_process
 
 DATA_VERSION = "d" * 64
+ROWS_PER_FILE = {"chats.jsonl": 40, "exports/tickets.csv": 24}
 FAKE_PASSWORD = "hunter2-fake-pw"
 FAKE_TOKEN = "hf_" + "FakeTokenForTests" * 2
 
@@ -46,6 +49,16 @@ def _pipeline_so_far(params: Params, model_dir: Path, evaluated: bool = True) ->
         params.paths.clean / "manifest.json", {"data_version": DATA_VERSION, "n_records": 80}
     )
     write_json(reports / "split.json", {"n_train": 64, "n_holdout": 16})
+    sources = ["chats.jsonl"] * 40 + ["exports/tickets.csv"] * 24
+    train = pa.table(
+        {
+            "id": [f"r{i:02d}" for i in range(64)],
+            "source": sources,
+            "line": [i + 1 for i in range(64)],
+        }
+    )
+    params.paths.split.mkdir(parents=True, exist_ok=True)
+    pq.write_table(train, params.paths.split / "train.parquet")
     return active.info.run_id
 
 
@@ -91,6 +104,16 @@ def test_register_twice_makes_two_tagged_versions_with_cards(
         assert f"# retune-test v{version}" in card
         assert DATA_VERSION in card and "| perplexity | 41.5 | 402.0 |" in card
         assert "- train: 64" in card and "- holdout: 16" in card
+        # How many rows of each input file it trained on, and which rows (for `retune trace`).
+        assert json.loads(tags["train_rows_per_file"]) == ROWS_PER_FILE
+        assert "| `exports/tickets.csv` | 24 |" in card
+        assert mlflow.artifacts.load_dict(f"runs:/{run_id}/lineage/rows_per_file.json") == (
+            ROWS_PER_FILE
+        )
+        rows = pq.read_table(
+            mlflow.artifacts.download_artifacts(f"runs:/{run_id}/lineage/train_rows.parquet")
+        )
+        assert rows.num_rows == 64 and rows.column("id").to_pylist()[-1] == "r63"
 
         # The model's own folder carries the card and pins what serving installs.
         files = Path(mlflow.artifacts.download_artifacts(mv.source))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +130,7 @@ class Step:
     stage: str  # the last stage that decided it
     record_id: str | None
     detail: str
+    source: str = ""  # the input file's name as records store it
 
 
 def _ids(path: Path, source: str) -> dict[str, int]:
@@ -161,7 +162,7 @@ def trace(paths: PathsParams, source: str) -> list[Step]:
     for name in dict.fromkeys([text_name(source), stored_name(source, Redactor())]):
         steps = _trace(paths, name)
         if steps:
-            return steps
+            return [replace(s, source=name) for s in steps]
     return []
 
 
@@ -224,3 +225,36 @@ def summary(steps: list[Step]) -> dict[str, int]:
     for s in steps:
         counts[s.outcome] = counts.get(s.outcome, 0) + 1
     return counts
+
+
+# What a registered version trained on, an artifact of its MLflow run: the train split's record
+# id, input file and line of each row. `retune trace` matches a line's record id against it.
+TRAIN_ROWS_ARTIFACT = "lineage/train_rows.parquet"
+ROWS_PER_FILE_ARTIFACT = "lineage/rows_per_file.json"
+
+
+def train_rows(train_file: Path) -> pa.Table:
+    """The rows `train_file` (a records Parquet file) trains on: id, source, line."""
+    return pq.read_table(train_file, columns=["id", "source", "line"])
+
+
+def rows_per_file(rows: pa.Table) -> dict[str, int]:
+    """Input file -> how many of `rows` (id, source, line) came from it, by file name."""
+    counts = rows.group_by("source").aggregate([("id", "count")])
+    pairs = zip(
+        counts.column("source").to_pylist(), counts.column("id_count").to_pylist(), strict=True
+    )
+    return dict(sorted((str(s), int(n)) for s, n in pairs))
+
+
+def trained_by(
+    steps: list[Step], versions: dict[int, set[str] | None]
+) -> tuple[list[list[int]], list[int]]:
+    """For each of `steps`, the versions (newest first) whose train rows hold its record;
+    and the versions whose rows are unknown (None in `versions`: registered without them)."""
+    known = sorted((v for v, ids in versions.items() if ids is not None), reverse=True)
+    per_step = [
+        [v for v in known if s.record_id is not None and s.record_id in (versions[v] or set())]
+        for s in steps
+    ]
+    return per_step, sorted((v for v, ids in versions.items() if ids is None), reverse=True)

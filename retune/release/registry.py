@@ -11,6 +11,7 @@ import dataclasses
 import getpass
 import json
 import math
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -152,6 +153,39 @@ class Registry:
         found = self.client.search_model_versions(f"name='{self.model_name}'")
         infos = [self._info(mv, aliases) for mv in found]
         return sorted(infos, key=lambda v: v.version, reverse=True)
+
+    def trained_ids(self, info: VersionInfo, source: str, train_file: Path) -> set[str] | None:
+        """The record ids of input file `source` that version `info` trained on: from the train
+        rows its run logged at register, else (a version registered before those were logged)
+        the workspace's `train_file` when the run's `train_file_sha256` says it is the same
+        file; None when neither tells."""
+        import pyarrow.parquet as pq
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        from retune.data.lineage import TRAIN_ROWS_ARTIFACT
+        from retune.model.checkpoints import file_sha256
+
+        if info.run_id is None:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = download_artifacts(
+                    run_id=info.run_id, artifact_path=TRAIN_ROWS_ARTIFACT, dst_path=tmp
+                )
+            except (MlflowException, OSError):
+                path = None
+            if path is not None:
+                rows = pq.read_table(path, columns=["id"], filters=[("source", "=", source)])
+                return set(rows.column("id").to_pylist())
+        try:
+            recorded = self.client.get_run(info.run_id).data.tags.get("train_file_sha256")
+        except MlflowException:
+            return None
+        if recorded is None or not train_file.is_file() or file_sha256(train_file) != recorded:
+            return None
+        rows = pq.read_table(train_file, columns=["id"], filters=[("source", "=", source)])
+        return set(rows.column("id").to_pylist())
 
     @staticmethod
     def _info(mv: Any, aliases: Mapping[str, int]) -> VersionInfo:

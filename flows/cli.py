@@ -482,6 +482,80 @@ def _trained_by(resolved: Params, steps: list[Any]) -> tuple[list[list[int]], li
     return trained_by(steps, ids)
 
 
+@app.command()
+def reproduce(
+    ref: Annotated[
+        str,
+        typer.Argument(
+            help="What to rebuild: an MLflow run id, models:/NAME/VERSION, or NAME@ALIAS.",
+            show_default=False,
+        ),
+    ],
+    allow_dirty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-dirty", help="Rebuild a run made with uncommitted changes from its commit."
+        ),
+    ] = False,
+    tolerance: Annotated[
+        float,
+        typer.Option(help="Largest relative difference allowed on each gated metric.", min=0.0),
+    ] = 0.01,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the work tree afterwards.")] = False,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Build in this new folder (default: a temporary one).", show_default=False
+        ),
+    ] = None,
+    overrides: Overrides = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Rebuild a model from its MLflow run and compare the metrics.
+
+    Checks the run's commit out into a separate git work tree, restores the inputs' recorded
+    DVC data version (from the DVC cache, or the default DVC remote), replays the run's
+    settings, runs the stages up to evaluate there, and prints the recorded and rebuilt
+    metrics side by side. Exit 0 only when every gated metric is within --tolerance. The
+    rebuild is a new MLflow run tagged retune.reproduction_of; the registry is not touched.
+    """
+    from flows.reproduce import reproduce as rebuild
+
+    resolved = _guarded(_params, params, overrides)
+    result = _guarded(rebuild, resolved, params, ref, allow_dirty, tolerance, keep, workdir)
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.6g}"
+
+    rows = [
+        [
+            r.metric + ("" if r.gated else " (info)"),
+            number(r.recorded),
+            number(r.reproduced),
+            "-" if r.difference is None else f"{100 * r.difference:.3f}%",
+            ("yes" if r.within else "NO") if r.gated else "",
+        ]
+        for r in result.rows
+    ]
+    header = ["metric", "recorded", "reproduced", "difference", f"within {100 * tolerance:g}%"]
+    typer.echo(_table(header, rows))
+    same = "the same" if result.data_version_matches else "DIFFERENT"
+    typer.echo(
+        f"{result.ref}: rebuilt as MLflow run {result.reproduction_run_id} in "
+        f"{result.wall_s:.0f} s from commit {result.commit[:12]} and inputs "
+        f"{result.data_version} ({result.data_from}); clean data version {same}"
+    )
+    if result.workdir:
+        typer.echo(f"work tree kept at {result.workdir} (`git worktree remove` it when done)")
+    if not result.passed:
+        raise _fail(
+            "the rebuild differs from the run beyond the tolerance"
+            if result.data_version_matches
+            else "the rebuild trained on different clean data than the run"
+        )
+    typer.echo("reproduced: every gated metric is within tolerance")
+
+
 def _terminated(signum: int, _frame: object) -> None:
     # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: the run's `finally` blocks
     # stop the Prefect server it started and release the run lock.

@@ -43,7 +43,7 @@ from retune.data.sink import ALL_REASONS, Sink
 from retune.data.sink import CONTRACT_REASONS as CONTRACT_REASONS  # the vocabularies, from here too
 from retune.data.sink import READ_REASONS as READ_REASONS
 from retune.data.sink import REASONS as REASONS
-from retune.data.snapshot import INCOMING_DVC_TAG, snapshot
+from retune.data.snapshot import INCOMING_DVC_TAG, keep
 from retune.data.tables import csv_header, layout, parquet_columns, read_table
 from retune.data.text import normalize_text as normalize_text  # what tests and callers import
 from retune.entry import stage_main, stage_task
@@ -364,17 +364,7 @@ def run(params: Params) -> IngestResult:
 def snapshot_incoming(params: Params) -> dict[str, Any]:
     """The inputs' data version as DVC names it, their files kept in the DVC cache, so the
     run can be reproduced later (`retune reproduce`); `register` pushes it to the remote."""
-    folder = INCOMING.path(params)
-    taken = snapshot(folder)
-    if isinstance(taken, str):
-        print(f"ingest: warning: the inputs' data version is not kept: {taken}", flush=True)
-        return {"skipped": taken}
-    print(
-        f"ingest: {folder} is DVC data version {taken.md5} ({taken.nfiles} files), in the DVC "
-        "cache",
-        flush=True,
-    )
-    return taken.as_dict()
+    return keep(INCOMING.path(params), "ingest", "the inputs")
 
 
 ingest_task = stage_task(run, name="ingest")

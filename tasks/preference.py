@@ -23,6 +23,7 @@ from retune.artifacts import (
 )
 from retune.config import Params
 from retune.data.preference import MANIFEST_FILE
+from retune.data.snapshot import PREFERENCE_DVC_TAG, keep
 from retune.entry import stage_main, stage_task
 from retune.model.preference import LOGGED, PreferenceResult, training_rows, tune
 from retune.reports import read_json
@@ -116,6 +117,8 @@ def run(params: Params) -> PreferenceStageResult:
             ],
         )
         data_version = read_json(data_dir / MANIFEST_FILE).get("data_version")
+        # The tuning set as a DVC data version, so `retune reproduce` can tune on it again.
+        kept = keep(data_dir, "preference", "the preference data")
         figures = {f"preference_{k.replace('/', '_')}": v for k, v in result.final.items()}
         mlflow.log_metrics(
             figures
@@ -126,11 +129,14 @@ def run(params: Params) -> PreferenceStageResult:
         )
         mlflow.set_tags(
             {"preference": f"tuned: {result.method}", "preference_data_version": data_version}
+            | ({PREFERENCE_DVC_TAG: kept["md5"]} if "md5" in kept else {})
         )
         reason = f"{result.method}, {result.steps} steps on {result.examples} " + (
             "examples" if result.method == "kto" else "pairs"
         )
-        report = PREFERENCE_REPORT.write(params, _report(result, data_version, reason))
+        report = PREFERENCE_REPORT.write(
+            params, _report(result, data_version, reason) | {PREFERENCE_DVC_TAG: kept}
+        )
         mlflow.log_artifact(str(report), artifact_path="reports")
     print(f"preference: tuned ({reason}) in {result.runtime_s:.1f}s -> {model_dir}", flush=True)
     return PreferenceStageResult(model_dir, True, reason, result)

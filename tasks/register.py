@@ -26,6 +26,7 @@ from retune.artifacts import (
     MODEL,
     MODEL_CARD,
     PREFERENCE_REPORT,
+    PREFERENCE_SET,
     REGISTER_REPORT,
     SPLIT_REPORT,
     TRAIN_SPLIT,
@@ -38,7 +39,7 @@ from retune.data.lineage import (
     rows_per_file,
     train_rows,
 )
-from retune.data.snapshot import INCOMING_DVC_TAG, push, recorded
+from retune.data.snapshot import INCOMING_DVC_TAG, PREFERENCE_DVC_TAG, push, recorded
 from retune.entry import stage_main, stage_task
 from retune.errors import RetuneError
 from retune.masking import safe_params
@@ -611,19 +612,28 @@ def gather_facts(params: Params, git: GitState) -> ModelFacts:
     )
 
 
-def push_inputs(params: Params, md5: str | None) -> str:
-    """Send the inputs' data version to the project's default DVC remote, if it has one, so
-    the version can be reproduced on another machine. A failure is a warning: the model is
-    registered already, and `dvc push` can send the data later."""
+def push_inputs(params: Params, md5: str | None, preference_md5: str | None = None) -> str:
+    """Send the inputs' data version (and the preference data's, when the model was tuned on
+    some) to the project's default DVC remote, if it has one, so the version can be
+    reproduced on another machine. A failure is a warning: the model is registered already,
+    and `dvc push` can send the data later."""
     if md5 is None:
         return "not pushed: ingest kept no data version"
-    try:
-        done = push(INCOMING.path(params), md5)
-    except RetuneError as exc:
-        print(f"register: warning: {exc}", flush=True)
-        return f"failed: {exc}"
-    print(f"register: inputs {md5}: {done}", flush=True)
-    return done
+    outcomes = []
+    for folder, version, what in (
+        (INCOMING.path(params), md5, "inputs"),
+        (PREFERENCE_SET.path(params), preference_md5, "preference data"),
+    ):
+        if version is None:
+            continue
+        try:
+            done = push(folder, version)
+        except RetuneError as exc:
+            print(f"register: warning: {exc}", flush=True)
+            return f"failed: {exc}"
+        print(f"register: {what} {version}: {done}", flush=True)
+        outcomes.append(done if what == "inputs" else f"{what}: {done}")
+    return "; ".join(outcomes)
 
 
 def run(params: Params) -> RegisterResult:
@@ -632,7 +642,7 @@ def run(params: Params) -> RegisterResult:
     result = register(
         params.register, params.tracking, MODEL.path(params), facts, TRAIN_SPLIT.path(params)
     )
-    pushed = push_inputs(params, facts.incoming_dvc)
+    pushed = push_inputs(params, facts.incoming_dvc, recorded(facts.preference, PREFERENCE_DVC_TAG))
     REGISTER_REPORT.write(
         params,
         {

@@ -193,6 +193,8 @@ def test_a_retrain_with_enough_ratings_tunes_on_them_and_says_so(
 ) -> None:
     """Ratings in the store: the flow's first step makes them the preference set, the
     preference stage tunes on them (KTO), and a rerun with no new rating is up to date."""
+    from mlflow import MlflowClient
+
     from flows.retrain import retrain
     from retune.online.feedback import FeedbackStore
 
@@ -215,12 +217,21 @@ def test_a_retrain_with_enough_ratings_tunes_on_them_and_says_so(
     finally:
         store.close()
     file = params_file(params, tmp_path)
+    # A DVC project: the run keeps its inputs and its tuning set as data versions.
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True
+    )
 
     summary = retrain(params_file=file)
 
     assert "preference" in summary["stages_s"]
     report = json.loads((params.paths.reports / "preference.json").read_text())
     assert report["tuned"] is True and report["method"] == "kto" and report["steps"] == 3
+    kept = report["preference_dvc"]
+    assert kept["md5"].endswith(".dir") and kept["nfiles"] >= 1
+    train_run = json.loads((params.paths.reports / "train.json").read_text())["run_id"]
+    tags = MlflowClient().get_run(train_run).data.tags
+    assert tags["preference_dvc"] == kept["md5"] and tags["incoming_dvc"].endswith(".dir")
     sets = json.loads((params.paths.reports / "preference_data.json").read_text())
     assert sets["exchanges"] == 30 and sum(sets["outcomes"].values()) == 30
     assert retrain(params_file=file)["skipped"] is True  # the same data, no new rating

@@ -190,7 +190,9 @@ def _register_trained(params: Params, left_out: list[str | None] | None, train_s
     with mlflow.start_run(tags={"train_file_sha256": train_sha}) as active:
         if left_out is not None:
             table = pq.read_table(params.paths.split / "train.parquet")
-            keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(left_out, type=pa.string())))
+            keep = pc.invert(
+                pc.is_in(table.column("id"), value_set=pa.array(left_out, type=pa.string()))
+            )
             kept = params.paths.reports.parent / "trained.parquet"
             pq.write_table(table.filter(keep), kept)
             log_train_rows(kept, {})

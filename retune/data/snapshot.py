@@ -20,6 +20,8 @@ from retune.errors import RetuneError
 
 # The pipeline run's tag (and the registry version's) with the inputs' DVC data version.
 INCOMING_DVC_TAG = "incoming_dvc"
+# The run's tag with the DVC data version of the preference data it was tuned on, if it was.
+PREFERENCE_DVC_TAG = "preference_dvc"
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,10 @@ class Snapshot:
         return {"md5": self.md5, "nfiles": self.nfiles, "size": self.size}
 
 
-def recorded(ingest_report: dict[str, Any]) -> str | None:
-    """The inputs' DVC data version that ingest recorded in its report, if it kept one."""
-    md5 = (ingest_report.get(INCOMING_DVC_TAG) or {}).get("md5")
+def recorded(report: dict[str, Any], key: str = INCOMING_DVC_TAG) -> str | None:
+    """The DVC data version a stage recorded in its report under `key` (ingest: the inputs;
+    preference: PREFERENCE_DVC_TAG, its tuning set), if it kept one."""
+    md5 = (report.get(key) or {}).get("md5")
     return str(md5) if md5 else None
 
 
@@ -69,6 +72,21 @@ def snapshot(folder: Path) -> Snapshot | str:
         staging, meta, obj = build(odb, str(resolved), repo.fs, "md5", ignore=repo.dvcignore)
         transfer(staging, odb, {obj.hash_info}, shallow=False, hardlink=False)
         return Snapshot(md5=str(obj.hash_info.value), nfiles=meta.nfiles or 0, size=meta.size or 0)
+
+
+def keep(folder: Path, stage: str, what: str) -> dict[str, Any]:
+    """`snapshot(folder)` for a stage's report, saying so in the stage's log: the snapshot's
+    fields, or {"skipped": why} (with a warning) when there is none."""
+    taken = snapshot(folder)
+    if isinstance(taken, str):
+        print(f"{stage}: warning: no data version of {what} is kept: {taken}", flush=True)
+        return {"skipped": taken}
+    print(
+        f"{stage}: {folder} is DVC data version {taken.md5} ({taken.nfiles} files), in the DVC "
+        "cache",
+        flush=True,
+    )
+    return taken.as_dict()
 
 
 def _ids(odb: Any, md5: str) -> tuple[Any, set[Any]]:

@@ -34,7 +34,8 @@ from benchmarks.common import (
 )
 
 NAME = "reproduce"
-NEW_FILE = "new_batch.jsonl"
+NEW_FOLDER = "data/incoming/new_batch"
+NEW_SEED = 7  # the sample corpus is seed 42 (params.yaml `seed`)
 
 
 def _git(cwd: Path, *args: str) -> None:
@@ -68,18 +69,11 @@ def retune(clone: Path, *args: str) -> float:
 
 
 def add_data(clone: Path, n: int) -> None:
-    """A new input file: the first `n` sample conversations, each reply reworded."""
-    incoming = clone / "data" / "incoming"
-    first = sorted(incoming.glob("*.jsonl"))[0]
-    lines = first.read_text(encoding="utf-8").splitlines()[:n]
-    out = []
-    for line in lines:
-        record = json.loads(line)
-        for message in record.get("messages", []):
-            if message.get("role") == "assistant":
-                message["content"] = "Thanks for waiting. " + message["content"]
-        out.append(json.dumps(record))
-    (incoming / NEW_FILE).write_text("\n".join(out) + "\n", encoding="utf-8")
+    """New input files: `n` more sample units from another seed, in a folder of their own."""
+    from retune.config import SampleParams
+    from tasks.sample import generate
+
+    generate(SampleParams(conversations=n, defect_rate=0.0), NEW_SEED, clone / NEW_FOLDER)
 
 
 def reproduce_rows(clone: Path, model: str, label: str, run_s: float) -> list[dict[str, Any]]:

@@ -76,6 +76,12 @@ def add_data(clone: Path, n: int) -> None:
     generate(SampleParams(conversations=n, defect_rate=0.0), NEW_SEED, clone / NEW_FOLDER)
 
 
+def _registered(clone: Path) -> str:
+    """The clean data version of the version the last run registered."""
+    report = json.loads((clone / "reports" / "register.json").read_text(encoding="utf-8"))
+    return str(report["data_version"])
+
+
 def reproduce_rows(clone: Path, model: str, label: str, run_s: float) -> list[dict[str, Any]]:
     wall = retune(clone, "reproduce", f"models:/{model}/1")
     report = json.loads((clone / "reports" / "reproduce.json").read_text(encoding="utf-8"))
@@ -110,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         model = "retune-support"
         untimed([str(BIN / "retune"), "sample"], cwd=clone, env=_env(clone))
         first = retune(clone, "run")
+        v1_data = _registered(clone)
         rows = [row("run_v1_wall", first, "s", note="`retune run` in a fresh clone")]
         rows += reproduce_rows(clone, model, "v1", first)
         add_data(clone, args.new)
         second = retune(clone, "run")
-        rows.append(row("run_v2_wall", second, "s", note=f"{args.new} new conversations"))
+        v2_data = _registered(clone)
+        note = f"{args.new} new units; clean data version {v1_data[:12]} -> {v2_data[:12]}"
+        rows.append(row("run_v2_wall", second, "s", note=note))
         rows += reproduce_rows(clone, model, "after_v2", first)
     finally:
         if args.keep:

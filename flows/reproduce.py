@@ -225,6 +225,15 @@ def restore_data(
     return source
 
 
+def _base_model(root: Path, recorded: dict[str, str]) -> list[str]:
+    """A pretrained base the run named by a path inside the project (`models/base/...`, which
+    git does not hold) is read from the project: the work tree has no copy."""
+    base = recorded.get("train.base_model", "scratch")
+    if base == "scratch" or Path(base).is_absolute() or not (root / base).is_dir():
+        return []
+    return [f"train.base_model={(root / base).resolve()}"]
+
+
 def run_stages(tree: Path, names: list[str], overrides: list[str], log: Path) -> None:
     """Run each stage as `dvc repro` would (`python -m tasks.<stage>`), in the work tree with
     its own code; their output goes to the console and to `log`."""
@@ -313,7 +322,7 @@ def reproduce(
             f"tracking.artifacts={Path(params.tracking.artifacts).resolve()}",
             f"tracking.experiment={client.get_experiment(original.info.experiment_id).name}",
         ]
-        overrides = replayed + moved + store
+        overrides = replayed + moved + _base_model(root, recorded) + store
         if replayed:
             print(f"reproduce: the run's own settings: {' '.join(replayed)}", flush=True)
         try:

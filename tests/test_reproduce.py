@@ -195,3 +195,15 @@ def test_a_registered_version_is_rebuilt_with_its_own_data_after_new_data_came(
     assert {v: client.get_model_version("retune-test", v).tags for v in ("1", "2")} == before
     assert client.get_registered_model("retune-test").aliases == aliases
     assert len(_worktrees(project)) == 1
+
+
+def test_a_base_model_inside_the_project_is_read_from_the_project(tmp_path: Path) -> None:
+    from flows.reproduce import _base_model
+
+    (tmp_path / "models" / "base" / "smol").mkdir(parents=True)
+    base = tmp_path / "models" / "base" / "smol"
+    assert _base_model(tmp_path, {"train.base_model": "models/base/smol"}) == [
+        f"train.base_model={base.resolve()}"
+    ]
+    assert _base_model(tmp_path, {"train.base_model": "scratch"}) == []
+    assert _base_model(tmp_path, {"train.base_model": str(base)}) == []  # absolute already
